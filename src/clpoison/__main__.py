@@ -1,0 +1,5 @@
+import sys
+
+from clpoison.cli import main
+
+sys.exit(main())

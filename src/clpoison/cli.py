@@ -1,0 +1,140 @@
+"""Command line: ``clpoison train|eval ...``. A thin layer over the Python API.
+
+Every user mistake surfaces as one line ``clpoison: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from clpoison.errors import ClpoisonError
+
+
+def _common(p: argparse.ArgumentParser, with_preset: bool = True) -> None:
+    if with_preset:
+        p.add_argument("--preset", default="mini", help="preset name (mini, cpu, paper) or YAML file")
+        p.add_argument("--algorithm", default=None, help="simclr | mocov2 | byol")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder (default: $CLPOISON_DATA, else ./data)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any setting, e.g. --set train.epochs=20 (repeatable)")
+
+
+def _overrides(args) -> list[str]:
+    out = list(args.overrides)
+    if args.data_root is not None:
+        out.append(f"data.root={args.data_root}")
+    if args.device is not None:
+        out.append(f"train.device={args.device}")
+    if args.seed is not None:
+        out.append(f"train.seed={args.seed}")
+    for flag, key in (("epochs", "train.epochs"), ("train_size", "data.train_size"),
+                      ("batch_size", "train.batch_size")):
+        if getattr(args, flag, None) is not None:
+            out.append(f"{key}={getattr(args, flag)}")
+    return out
+
+
+def cmd_train(args) -> int:
+    from clpoison.config import load_config
+    from clpoison.train import pretrain
+
+    cfg = load_config(args.preset, args.algorithm, _overrides(args))
+    summary = pretrain(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(json.dumps({"out": str(args.out), "final": summary.get("final"),
+                      "random_init": summary.get("random_init"),
+                      "wall_seconds": summary["wall_seconds"]}, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from clpoison.config import config_from_dict, load_config
+    from clpoison.data import normalization_stats
+    from clpoison.eval import evaluate_encoder
+    from clpoison.train.common import (build_method, check_signature, load_checkpoint, load_data,
+                                       setup_runtime)
+
+    if args.checkpoint:
+        state = load_checkpoint(Path(args.checkpoint))
+        if not isinstance(state, dict) or "config" not in state or "method" not in state:
+            raise ClpoisonError(f"{args.checkpoint} is not a clpoison checkpoint (no config/method); "
+                                f"pass the checkpoint.pt of a `clpoison train` run")
+        cfg = config_from_dict(json.loads(state["config"]))
+        for o in _overrides(args):
+            from clpoison.config import _parse_override, _set
+
+            _set(cfg, *_parse_override(o))
+    else:
+        cfg = load_config(args.preset, args.algorithm, _overrides(args))
+    if args.probe:
+        cfg.eval.probe = args.probe
+    device = setup_runtime(cfg)
+    torch.manual_seed(cfg.train.seed)
+    method = build_method(cfg)
+    if args.checkpoint:
+        check_signature(state["signature"], cfg, Path(args.checkpoint))
+        try:
+            method.load_state_dict(state["method"])
+        except RuntimeError:
+            raise ClpoisonError(f"{args.checkpoint}: weights do not fit the model it names; the "
+                                f"file is damaged or was edited") from None
+    train, test = load_data(cfg)
+    mean, std = normalization_stats(cfg.data.dataset)
+    metrics = evaluate_encoder(method.to(device).encoder, train, test, cfg.eval, mean, std, device,
+                               seed=cfg.train.seed)
+    metrics["checkpoint"] = args.checkpoint or "random-init"
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        from clpoison.utils import write_json_atomic
+
+        write_json_atomic(args.out, metrics)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clpoison", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pre-train a contrastive victim and evaluate it")
+    _common(p)
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="linear probe + kNN of a checkpoint (or a random-init encoder)")
+    _common(p)
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint.pt of a train run; omit for the random-init floor of --preset")
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--probe", choices=["fast", "paper"], default=None)
+    p.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ClpoisonError as exc:
+        print(f"clpoison: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clpoison: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Every hyper-parameter of a run in one dataclass tree, filled from a YAML preset plus overrides.
+
+Presets live in ``clpoison/presets/<name>.yaml``. A preset has one section per dataclass below
+and an optional ``per_algorithm`` map of dotted overrides (e.g. MoCo's learning rate). Order of
+precedence: dataclass defaults < preset < preset.per_algorithm[algorithm] < user overrides.
+
+Example::
+
+    cfg = load_config("mini", algorithm="byol", overrides=["train.epochs=5"])
+    cfg.train.epochs     # 5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clpoison.errors import ClpoisonError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    root: str | None = None          # None: $CLPOISON_DATA, else ./data
+    cache_dir: str | None = None     # None: $CLPOISON_CACHE, else ~/.cache/clpoison
+    train_size: int | None = None    # class-balanced seeded subset; None = whole split
+    subset_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"
+    width: int = 64
+    stem: str = "cifar"
+
+
+@dataclass
+class SSLConfig:
+    algorithm: str = "simclr"
+    temperature: float | None = None   # None: 0.5 SimCLR, 0.2 MoCo v2
+    loss_scale_by_temperature: bool = False  # original code: loss * T / 0.07
+    proj_hidden: int | None = None     # None: encoder dim (SimCLR/MoCo), 4096 (BYOL)
+    proj_dim: int | None = None        # None: 128 (SimCLR/MoCo), 256 (BYOL)
+    queue_size: int = 4096
+    momentum: float | None = None      # None: 0.99 MoCo v2, 0.999 BYOL
+
+
+@dataclass
+class AugmentSection:
+    size: int = 32
+    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip_p: float = 0.5
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1000
+    batch_size: int = 512
+    lr: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 10
+    min_lr_ratio: float = 1e-3        # cosine ends at lr * min_lr_ratio (original: 0.1**3)
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
+    threads: int | None = None        # torch intra-op threads on CPU; None: torch default
+    channels_last: bool = True
+    amp: str = "none"                 # none | bf16 | fp16 (CUDA only)
+    compile: bool = False             # torch.compile (CUDA only in practice)
+    checkpoint_every: int = 10        # epochs; 0 = only at the end
+
+
+@dataclass
+class EvalConfig:
+    probe: str = "fast"               # fast: L-BFGS on frozen features; paper: 100 SGD epochs, augmented
+    probe_epochs: int = 100
+    probe_lr: float = 1.0
+    probe_batch_size: int = 512
+    fast_probe_iters: int = 300
+    fast_probe_l2: float = 1e-3
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    feature_batch_size: int = 1024
+    random_init_floor: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Free-form sections owned by later layers (attacks); kept verbatim.
+    attack: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SECTIONS = {f.name: f for f in fields(Config) if f.name != "preset"}
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ClpoisonError(f"override {text!r} is not KEY=VALUE; write e.g. train.epochs=20")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ClpoisonError(f"override {text!r}: cannot parse value ({exc.problem})") from None
+    return key.strip(), value
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if parts[0] == "attack":
+        target = cfg.attack
+        for p in parts[1:-1]:
+            target = target.setdefault(p, {})
+        if len(parts) == 1:
+            if not isinstance(value, dict):
+                raise ClpoisonError("the 'attack' section must be a mapping")
+            cfg.attack.update(value)
+        else:
+            target[parts[-1]] = value
+        return
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ClpoisonError(f"unknown setting {dotted!r}; settings are SECTION.KEY with SECTION in "
+                            f"{', '.join(SECTIONS)} (e.g. train.epochs)")
+    section = getattr(cfg, parts[0])
+    names = {f.name: f for f in fields(section)}
+    if parts[1] not in names:
+        raise ClpoisonError(f"unknown setting {dotted!r}; {parts[0]} has: {', '.join(names)}")
+    current = getattr(section, parts[1])
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if current is not None and value is not None and not isinstance(value, type(current)):
+        if not (isinstance(current, (list, tuple)) and isinstance(value, (list, tuple))):
+            raise ClpoisonError(f"setting {dotted}: expected {type(current).__name__}, got "
+                                f"{value!r}")
+    setattr(section, parts[1], value)
+
+
+def _apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> None:
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted in SECTIONS:
+            _apply_mapping(cfg, value, prefix=f"{dotted}.")
+        else:
+            _set(cfg, dotted, value)
+
+
+def load_config(preset: str = "mini", algorithm: str | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Build a Config from a preset name (or a YAML file path), an algorithm and overrides."""
+    path = Path(preset)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ClpoisonError(f"unknown preset {preset!r}; choose one of "
+                                f"{', '.join(available_presets())} or pass a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ClpoisonError(f"preset {path} is not valid YAML: {exc}") from None
+    cfg = Config(preset=path.stem)
+    per_algorithm = raw.pop("per_algorithm", {}) or {}
+    _apply_mapping(cfg, raw)
+    items = list(overrides.items()) if isinstance(overrides, dict) else [
+        _parse_override(o) for o in (overrides or [])]
+    user_alg = dict(items).get("ssl.algorithm")
+    alg = algorithm or user_alg or cfg.ssl.algorithm
+    from clpoison.ssl import METHODS  # late import: config must not drag torch models in early
+
+    if alg not in METHODS:
+        raise ClpoisonError(f"unknown algorithm {alg!r}; choose one of {', '.join(METHODS)}")
+    cfg.ssl.algorithm = alg
+    _apply_mapping(cfg, per_algorithm.get(alg, {}) or {})
+    for key, value in items:
+        _set(cfg, key, value)
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. a checkpoint or summary)."""
+    cfg = Config(preset=d.get("preset", "custom"))
+    for name in SECTIONS:
+        if name in d:
+            if name == "attack":
+                cfg.attack = dict(d[name])
+            else:
+                section_cls = type(getattr(cfg, name))
+                known = {f.name for f in dataclasses.fields(section_cls)}
+                setattr(cfg, name, section_cls(**{k: v for k, v in d[name].items() if k in known}))
+    return cfg

@@ -1,0 +1,215 @@
+"""Pieces shared by every training loop: device, data, method, optimiser, schedule, sampler,
+checkpoints, logging. Loops stay top-down readable by calling these.
+
+Nothing here keeps module-level state, and the sampler and logger are rank-aware, so a
+``torchrun`` launcher can wrap the loops later without a rewrite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from clpoison.config import Config
+from clpoison.errors import ClpoisonError
+from clpoison.utils import atomic_path
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ClpoisonError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ClpoisonError("train.device asks for CUDA but no GPU is visible; use train.device=cpu")
+    return device
+
+
+def setup_runtime(cfg: Config) -> torch.device:
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16/fp16 autocast on CUDA only; on other devices AMP is silently off (fp32)."""
+    if cfg.train.amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    if cfg.train.amp not in ("bf16", "fp16"):
+        raise ClpoisonError(f"train.amp must be none, bf16 or fp16, not {cfg.train.amp!r}")
+    dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def load_data(cfg: Config):
+    """(clean training subset, clean test set) as ImageDatasets, per ``cfg.data``."""
+    from clpoison.data import balanced_subset, load_dataset
+
+    d = cfg.data
+    train = load_dataset(d.dataset, "train", root=d.root, cache_dir=d.cache_dir)
+    test = load_dataset(d.dataset, "test", root=d.root, cache_dir=d.cache_dir)
+    if d.train_size is not None and d.train_size < len(train):
+        train = balanced_subset(train, d.train_size, seed=d.subset_seed)
+    return train, test
+
+
+def build_method(cfg: Config):
+    """Encoder + contrastive method from the config, with per-algorithm defaults."""
+    from clpoison.models import build_encoder
+    from clpoison.ssl import build_method as _build
+
+    s = cfg.ssl
+    encoder = build_encoder(cfg.model.arch, cfg.model.width, cfg.model.stem)
+    kwargs: dict[str, Any] = {}
+    if s.algorithm in ("simclr", "mocov2"):
+        temperature = s.temperature if s.temperature is not None else (
+            0.5 if s.algorithm == "simclr" else 0.2)
+        kwargs.update(temperature=temperature, proj_hidden=s.proj_hidden, proj_dim=s.proj_dim or 128,
+                      loss_scale=temperature / 0.07 if s.loss_scale_by_temperature else 1.0)
+        if s.algorithm == "mocov2":
+            kwargs.update(queue_size=s.queue_size,
+                          momentum=s.momentum if s.momentum is not None else 0.99)
+    elif s.algorithm == "byol":
+        kwargs.update(proj_hidden=s.proj_hidden or 4096, proj_dim=s.proj_dim or 256,
+                      momentum=s.momentum if s.momentum is not None else 0.999)
+    return _build(s.algorithm, encoder, **kwargs)
+
+
+def build_augment(cfg: Config, mean, std):
+    from clpoison.augment import AugmentConfig, ContrastiveAugment
+
+    a = cfg.augment
+    return ContrastiveAugment(AugmentConfig(
+        size=a.size, scale=tuple(a.scale), ratio=tuple(a.ratio), flip_p=a.flip_p,
+        brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
+        jitter_p=a.jitter_p, gray_p=a.gray_p), mean=mean, std=std)
+
+
+def build_optimizer(params, cfg: Config) -> torch.optim.SGD:
+    t = cfg.train
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float,
+          min_ratio: float) -> float:
+    """Linear warm-up to ``base_lr``, then cosine down to ``base_lr * min_ratio``."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    low = base_lr * min_ratio
+    return low + 0.5 * (base_lr - low) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class EpochSampler:
+    """Seeded, resumable batch order: epoch ``e`` is always the same permutation.
+
+    With several ranks each takes an interleaved shard of every global batch, so the global
+    batch (and the result) does not depend on the number of ranks' order of arrival.
+    """
+
+    n: int
+    batch_size: int
+    seed: int
+    drop_last: bool = True
+
+    def __post_init__(self):
+        if self.batch_size > self.n and self.drop_last:
+            raise ClpoisonError(f"batch size {self.batch_size} exceeds the {self.n} training "
+                                f"images; lower train.batch_size or raise data.train_size")
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def batches(self, epoch: int) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.n, generator=gen)
+        rank, world = rank_and_world()
+        out = []
+        for b in range(len(self)):
+            rows = order[b * self.batch_size:(b + 1) * self.batch_size]
+            out.append(rows[rank::world])
+        return out
+
+
+def epoch_generator(device: torch.device, seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """Augmentation RNG for one epoch: resuming at an epoch boundary replays it exactly."""
+    rank, _ = rank_and_world()
+    return torch.Generator(device=device).manual_seed(
+        (seed * 1_000_003 + epoch * 7919 + stream * 104_729 + rank) % (2**63 - 1))
+
+
+class RunLogger:
+    """Rank-0 logging: human lines to stderr, metrics as JSON lines in the run folder."""
+
+    def __init__(self, out_dir: Path, quiet: bool = False):
+        self.rank, _ = rank_and_world()
+        self.out_dir = out_dir
+        self.quiet = quiet or self.rank != 0
+        self.t0 = time.time()
+
+    def info(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.time() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def metrics(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    if rank_and_world()[0] != 0:
+        return
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ClpoisonError(f"checkpoint {path} does not exist; check the path") from None
+    except Exception as exc:  # torch raises many types for corrupt zips
+        raise ClpoisonError(f"checkpoint {path} is unreadable or corrupt ({type(exc).__name__}); "
+                            f"delete it and rerun without --resume") from None
+
+
+def model_signature(cfg: Config) -> dict:
+    """What must match for weights to load: a checkpoint from another model is refused."""
+    return {"algorithm": cfg.ssl.algorithm, "arch": cfg.model.arch, "width": cfg.model.width,
+            "stem": cfg.model.stem}
+
+
+def check_signature(found: dict, cfg: Config, path: Path) -> None:
+    want = model_signature(cfg)
+    if found != want:
+        diffs = ", ".join(f"{k}: checkpoint {found.get(k)!r} vs config {want[k]!r}"
+                          for k in want if found.get(k) != want[k])
+        raise ClpoisonError(f"checkpoint {path} was made for another model ({diffs}); "
+                            f"use the same preset/overrides as the run that wrote it")

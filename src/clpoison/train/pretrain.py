@@ -1,0 +1,184 @@
+"""Victim pre-training: a contrastive model trained on a (possibly poisoned) training set.
+
+Top-down: the whole training set sits on the device as one uint8 tensor; each step gathers a
+batch, draws two augmented views on the device, and takes one SGD step. No data-loader workers,
+no per-image Python.
+
+Example::
+
+    cfg = load_config("mini", algorithm="simclr")
+    summary = pretrain(cfg, "runs/simclr-clean")
+    summary["final"]["linear_final"], summary["random_init"]["knn"]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from clpoison.config import Config
+from clpoison.errors import ClpoisonError
+from clpoison.eval import evaluate_encoder
+from clpoison.train.common import (EpochSampler, RunLogger, autocast, build_augment,
+                                   build_method, build_optimizer, check_signature,
+                                   epoch_generator, load_checkpoint, load_data, lr_at,
+                                   model_signature, save_checkpoint, setup_runtime)
+from clpoison.utils import seed_everything, versions, write_json_atomic
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def pretrain(cfg: Config, out_dir: str | Path, *, train_set=None, probe_set=None, test_set=None,
+             resume: bool = False, progress: bool = True, evaluate: bool = True,
+             extra_summary: dict | None = None) -> dict:
+    """Train ``cfg.ssl.algorithm`` on ``train_set`` and evaluate on clean data.
+
+    ``train_set`` defaults to the clean training subset of ``cfg.data``; pass a poisoned copy to
+    train a victim. ``probe_set`` (clean training images for the probe and the kNN bank) and
+    ``test_set`` default to the clean data. Writes ``metrics.jsonl``, ``checkpoint.pt`` and
+    ``summary.json`` in ``out_dir``; ``resume=True`` continues from the checkpoint and reaches
+    the same result as an uninterrupted run (on CPU).
+    """
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    if not resume and out_dir.exists() and any((out_dir / f).exists()
+                                               for f in (CHECKPOINT, "summary.json", "metrics.jsonl")):
+        raise ClpoisonError(f"run folder {out_dir} already holds a run; pass --resume to continue "
+                            f"it or choose another --out")
+    device = setup_runtime(cfg)
+    t = cfg.train
+
+    # --- data: everything on the device, uint8 -------------------------------------------
+    if train_set is None or probe_set is None or test_set is None:
+        clean_train, clean_test = load_data(cfg)
+        train_set = train_set if train_set is not None else clean_train
+        probe_set = probe_set if probe_set is not None else clean_train
+        test_set = test_set if test_set is not None else clean_test
+    from clpoison.data import normalization_stats
+
+    mean, std = normalization_stats(cfg.data.dataset)
+    images = train_set.images.to(device)
+    # Only now, with the inputs validated, does the run folder appear (no debris on bad input).
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLogger(out_dir, quiet=not progress)
+    log.info(f"{cfg.ssl.algorithm} on {len(train_set)} images of {cfg.data.dataset} "
+             f"({cfg.model.arch} width {cfg.model.width}, {t.epochs} epochs, batch {t.batch_size}, "
+             f"device {device})")
+
+    # --- model, optimiser, schedule -------------------------------------------------------
+    seed_everything(t.seed)
+    method = build_method(cfg).to(device)
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    method = method.to(memory_format=memory_format)
+    if t.compile:
+        method.encoder.compile()
+    augment = build_augment(cfg, mean, std).to(device)
+    optimizer = build_optimizer(method.online_parameters(), cfg)
+    sampler = EpochSampler(len(train_set), t.batch_size, t.seed)
+    steps_per_epoch = len(sampler)
+    total_steps = t.epochs * steps_per_epoch
+    warmup_steps = round(t.warmup_epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if (t.amp == "fp16" and device.type == "cuda") else None
+
+    start_epoch, floor = 0, None
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        check_signature(state["signature"], cfg, ckpt_path)
+        if json.loads(state["config"]) != json.loads(json.dumps(cfg.to_dict(), default=str)):
+            raise ClpoisonError(f"{ckpt_path} was written with a different configuration; resume "
+                                f"with the same preset and overrides, or start a new --out")
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+        floor = json.loads(state["random_init"]) if state.get("random_init") else None
+        log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    elif resume:
+        log.info(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+
+    # --- the random-init floor: the untouched network, before any step -----------------------
+    if evaluate and cfg.eval.random_init_floor and floor is None and start_epoch == 0:
+        floor = evaluate_encoder(method.encoder, probe_set, test_set, cfg.eval, mean, std, device,
+                                 seed=t.seed)
+        log.info(f"random-init floor: linear {floor['linear_final']:.2f}  kNN {floor['knn']:.2f}")
+
+    def checkpoint(epoch: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "method": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "signature": model_signature(cfg),
+            "config": json.dumps(cfg.to_dict(), default=str),
+            "random_init": json.dumps(floor) if floor else "",
+        })
+
+    # --- training ---------------------------------------------------------------------------
+    t_train = time.time()
+    step = start_epoch * steps_per_epoch
+    loss_value = float("nan")
+    for epoch in range(start_epoch, t.epochs):
+        method.train()
+        gen = epoch_generator(device, t.seed, epoch)
+        loss_sum = torch.zeros((), device=device)
+        t_epoch = time.time()
+        bar = tqdm(sampler.batches(epoch), desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
+                   disable=not progress or log.quiet, dynamic_ncols=True)
+        for rows in bar:
+            lr = lr_at(step, total_steps, warmup_steps, t.lr, t.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = images[rows.to(device)].float().div_(255)
+            view1 = augment(x, generator=gen).contiguous(memory_format=memory_format)
+            view2 = augment(x, generator=gen).contiguous(memory_format=memory_format)
+            with autocast(cfg, device):
+                loss = method(view1, view2)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            method.on_step_end()
+            loss_sum += loss.detach().float()
+            step += 1
+        loss_value = (loss_sum / steps_per_epoch).item()
+        if not torch.isfinite(torch.tensor(loss_value)):
+            raise ClpoisonError(f"training diverged (loss {loss_value}) at epoch {epoch + 1}; lower "
+                                f"train.lr or disable train.amp")
+        seconds = time.time() - t_epoch
+        record = {"epoch": epoch + 1, "loss": round(loss_value, 5), "lr": lr,
+                  "seconds": round(seconds, 2),
+                  "images_per_second": round(steps_per_epoch * t.batch_size / seconds, 1)}
+        log.metrics(record)
+        log.info(f"epoch {epoch + 1}/{t.epochs}  loss {loss_value:.4f}  lr {lr:.4f}  "
+                 f"{record['images_per_second']:.0f} img/s")
+        if (t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0) or epoch + 1 == t.epochs:
+            checkpoint(epoch + 1)
+    train_seconds = time.time() - t_train
+
+    # --- evaluation and summary -----------------------------------------------------------------
+    summary = {
+        "algorithm": cfg.ssl.algorithm,
+        "train_size": len(train_set),
+        "train_fingerprint": train_set.fingerprint(),
+        "final_loss": loss_value,
+        "train_seconds": round(train_seconds, 1),
+    }
+    if evaluate:
+        summary["final"] = evaluate_encoder(method.encoder, probe_set, test_set, cfg.eval, mean,
+                                            std, device, seed=t.seed,
+                                            log=log.info if cfg.eval.probe == "paper" else None)
+        summary["random_init"] = floor
+        log.info(f"final: linear {summary['final']['linear_final']:.2f} (best-over-epochs "
+                 f"{summary['final']['linear_best_over_epochs']:.2f})  kNN {summary['final']['knn']:.2f}")
+    summary.update(extra_summary or {})
+    summary["wall_seconds"] = round(time.time() - t_start, 1)
+    summary["config"] = cfg.to_dict()
+    summary["versions"] = versions()
+    if log.rank == 0:
+        write_json_atomic(out_dir / "summary.json", summary)
+    return summary
