@@ -31,6 +31,7 @@ class DataConfig:
     cache_dir: str | None = None     # None: $CLPOISON_CACHE, else ~/.cache/clpoison
     train_size: int | None = None    # class-balanced seeded subset; None = whole split
     subset_seed: int = 0
+    download: bool = False           # fetch the official archive (with checksum) if missing
 
 
 @dataclass

@@ -70,8 +70,8 @@ def load_data(cfg: Config):
     from clpoison.data import balanced_subset, load_dataset
 
     d = cfg.data
-    train = load_dataset(d.dataset, "train", root=d.root, cache_dir=d.cache_dir)
-    test = load_dataset(d.dataset, "test", root=d.root, cache_dir=d.cache_dir)
+    train = load_dataset(d.dataset, "train", root=d.root, cache_dir=d.cache_dir, download=d.download)
+    test = load_dataset(d.dataset, "test", root=d.root, cache_dir=d.cache_dir, download=d.download)
     if d.train_size is not None and d.train_size < len(train):
         train = balanced_subset(train, d.train_size, seed=d.subset_seed)
     return train, test
@@ -213,3 +213,16 @@ def check_signature(found: dict, cfg: Config, path: Path) -> None:
                           for k in want if found.get(k) != want[k])
         raise ClpoisonError(f"checkpoint {path} was made for another model ({diffs}); "
                             f"use the same preset/overrides as the run that wrote it")
+
+
+def contrastive_loss(method, augment, x: torch.Tensor, generator: torch.Generator,
+                     memory_format=torch.channels_last, amp=None) -> torch.Tensor:
+    """The one forward path of every step: two augmented views of ``x`` (floats in [0,1]) -> loss.
+
+    Victim steps, generator model steps and poison steps all call this, so the poison is
+    optimised through exactly the pipeline a victim trains with.
+    """
+    view1 = augment(x, generator=generator).contiguous(memory_format=memory_format)
+    view2 = augment(x, generator=generator).contiguous(memory_format=memory_format)
+    with (amp if amp is not None else contextlib.nullcontext()):
+        return method(view1, view2)
