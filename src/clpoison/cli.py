@@ -19,6 +19,8 @@ def _common(p: argparse.ArgumentParser, with_preset: bool = True) -> None:
         p.add_argument("--algorithm", default=None, help="simclr | mocov2 | byol")
     p.add_argument("--data-root", default=None,
                    help="dataset folder (default: $CLPOISON_DATA, else ./data)")
+    p.add_argument("--download", action="store_true",
+                   help="download the official dataset archive (checksum-verified) if missing")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -31,6 +33,8 @@ def _overrides(args) -> list[str]:
         out.append(f"data.root={args.data_root}")
     if args.device is not None:
         out.append(f"train.device={args.device}")
+    if getattr(args, "download", False):
+        out.append("data.download=true")
     if args.seed is not None:
         out.append(f"train.seed={args.seed}")
     for flag, key in (("epochs", "train.epochs"), ("train_size", "data.train_size"),
@@ -45,7 +49,17 @@ def cmd_train(args) -> int:
     from clpoison.train import pretrain
 
     cfg = load_config(args.preset, args.algorithm, _overrides(args))
-    summary = pretrain(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    kwargs = {}
+    if args.poison:
+        from clpoison.attacks import load_poison
+        from clpoison.train.common import load_data
+
+        clean_train, test = load_data(cfg)
+        poison = load_poison(args.poison, dataset=clean_train)
+        kwargs = dict(train_set=poison.poison_dataset(clean_train), probe_set=clean_train,
+                      test_set=test, extra_summary={"poison": str(args.poison),
+                                                    "poison_attack": poison.meta.get("attack")})
+    summary = pretrain(cfg, args.out, resume=args.resume, progress=not args.quiet, **kwargs)
     print(json.dumps({"out": str(args.out), "final": summary.get("final"),
                       "random_init": summary.get("random_init"),
                       "wall_seconds": summary["wall_seconds"]}, indent=2))
@@ -98,6 +112,66 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_attack(args) -> int:
+    import shutil
+
+    from clpoison.attacks import generate_cp
+    from clpoison.attacks.cp import POISON_FILE
+    from clpoison.config import load_config
+    from clpoison.utils import atomic_path
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ClpoisonError(f"--out must name a .safetensors file, got {out}")
+    if out.exists() and not args.resume:
+        raise ClpoisonError(f"{out} exists; choose another --out or pass --resume")
+    cfg = load_config(args.preset, args.algorithm, _overrides(args))
+    run_dir = out.with_suffix(".run")
+    generate_cp(cfg, run_dir, attack=args.attack, init=args.init, resume=args.resume,
+                progress=not args.quiet)
+    with atomic_path(out) as tmp:
+        shutil.copyfile(run_dir / POISON_FILE, tmp)
+    print(json.dumps({"poison": str(out), "run": str(run_dir)}, indent=2))
+    return 0
+
+
+def _poisoned_data(args):
+    """The clean data a poison was made for (from its recorded config), and the poison."""
+    from clpoison.attacks import load_poison
+    from clpoison.config import _parse_override, _set, config_from_dict
+    from clpoison.train.common import load_data
+
+    header = load_poison(args.poison)            # validates the file before any data work
+    recorded = header.meta.get("config")
+    if not isinstance(recorded, dict):
+        raise ClpoisonError(f"{args.poison} records no generation config; cannot tell which data "
+                            f"it belongs to")
+    cfg = config_from_dict(recorded)
+    for o in _overrides(args):
+        _set(cfg, *_parse_override(o))
+    clean_train, test = load_data(cfg)
+    poison = load_poison(args.poison, dataset=clean_train)
+    return poison, clean_train, test
+
+
+def cmd_export(args) -> int:
+    from clpoison.export import export_dataset
+
+    poison, clean_train, test = _poisoned_data(args)
+    written = export_dataset(poison.poison_dataset(clean_train), test, args.out,
+                             formats=[f.strip() for f in args.format.split(",") if f.strip()])
+    print(json.dumps(written, indent=2))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from clpoison.visualize import render_poison
+
+    poison, clean_train, _ = _poisoned_data(args)
+    print(render_poison(poison, clean_train, args.out, per_class=args.per_class))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clpoison", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,8 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--poison", default=None, help="train the victim on data poisoned by this file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("attack", help="generate a poison (Contrastive Poisoning: cp-c, cp-s)")
+    p.add_argument("attack", choices=["cp-c", "cp-s"])
+    _common(p)
+    p.add_argument("--out", required=True, help="poison file to write (.safetensors); the run "
+                   "folder (logs, checkpoint) is the same path with .run")
+    p.add_argument("--init", default=None, help="start from this poison (CP-S from a CP-C file)")
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted generation")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_attack)
+
+    for name, func, helptext in (("export", cmd_export, "write the poisoned training set (+ clean test)"),
+                                 ("show", cmd_show, "render a PNG of a poison")):
+        p = sub.add_parser(name, help=helptext + "; data settings come from the poison's record")
+        _common(p, with_preset=False)
+        p.add_argument("--poison", required=True)
+        if name == "export":
+            p.add_argument("--out", required=True, help="output folder")
+            p.add_argument("--format", default="png,npz,cifar", help="comma list of png, npz, cifar")
+        else:
+            p.add_argument("--out", required=True, help="PNG file to write")
+            p.add_argument("--per-class", type=int, default=2)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("eval", help="linear probe + kNN of a checkpoint (or a random-init encoder)")
     _common(p)

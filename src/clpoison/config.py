@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -152,14 +153,30 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     names = {f.name: f for f in fields(section)}
     if parts[1] not in names:
         raise ClpoisonError(f"unknown setting {dotted!r}; {parts[0]} has: {', '.join(names)}")
-    current = getattr(section, parts[1])
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if current is not None and value is not None and not isinstance(value, type(current)):
-        if not (isinstance(current, (list, tuple)) and isinstance(value, (list, tuple))):
-            raise ClpoisonError(f"setting {dotted}: expected {type(current).__name__}, got "
-                                f"{value!r}")
+    value = _coerce(dotted, value, typing.get_type_hints(type(section))[parts[1]])
     setattr(section, parts[1], value)
+
+
+def _coerce(dotted: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field's declared type; ints are accepted for floats."""
+    args = typing.get_args(hint)
+    allowed = [a for a in args if a is not type(None)] if args and type(None) in args else [hint]
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ClpoisonError(f"setting {dotted} cannot be empty")
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (list, tuple) and isinstance(value, (list, tuple)):
+            return list(value)
+        if origin in (str, bool) and isinstance(value, origin):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ClpoisonError(f"setting {dotted}: expected {names}, got {value!r}")
 
 
 def _apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> None:

@@ -145,7 +145,7 @@ def _not_found_message(spec: CifarSpec, root: Path, dirs: list[Path], notes: lis
     if notes:
         msg += f" ({'; '.join(notes)})"
     msg += (f"; get it with `wget {spec.url} -P {root}` (md5 {spec.md5}; no need to extract) "
-            f"or load with download=True, or point --data-root / the CLPOISON_DATA environment variable "
+            f"or pass --download (download=True in Python), or point --data-root / the CLPOISON_DATA environment variable "
             f"at the folder that holds it")
     return msg
 

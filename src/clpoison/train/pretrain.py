@@ -25,6 +25,7 @@ from clpoison.errors import ClpoisonError
 from clpoison.eval import evaluate_encoder
 from clpoison.train.common import (EpochSampler, RunLogger, autocast, build_augment,
                                    build_method, build_optimizer, check_signature,
+                                   contrastive_loss,
                                    epoch_generator, load_checkpoint, load_data, lr_at,
                                    model_signature, save_checkpoint, setup_runtime)
 from clpoison.utils import seed_everything, versions, write_json_atomic
@@ -34,14 +35,15 @@ CHECKPOINT = "checkpoint.pt"
 
 def pretrain(cfg: Config, out_dir: str | Path, *, train_set=None, probe_set=None, test_set=None,
              resume: bool = False, progress: bool = True, evaluate: bool = True,
-             extra_summary: dict | None = None) -> dict:
+             extra_summary: dict | None = None, stop_after: int | None = None) -> dict | None:
     """Train ``cfg.ssl.algorithm`` on ``train_set`` and evaluate on clean data.
 
     ``train_set`` defaults to the clean training subset of ``cfg.data``; pass a poisoned copy to
     train a victim. ``probe_set`` (clean training images for the probe and the kNN bank) and
     ``test_set`` default to the clean data. Writes ``metrics.jsonl``, ``checkpoint.pt`` and
     ``summary.json`` in ``out_dir``; ``resume=True`` continues from the checkpoint and reaches
-    the same result as an uninterrupted run (on CPU).
+    the same result as an uninterrupted run (on CPU). ``stop_after=E`` checkpoints and returns
+    None after epoch E (time-boxing).
     """
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -130,10 +132,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, train_set=None, probe_set=None
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x = images[rows.to(device)].float().div_(255)
-            view1 = augment(x, generator=gen).contiguous(memory_format=memory_format)
-            view2 = augment(x, generator=gen).contiguous(memory_format=memory_format)
-            with autocast(cfg, device):
-                loss = method(view1, view2)
+            loss = contrastive_loss(method, augment, x, gen, memory_format, autocast(cfg, device))
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -158,6 +157,10 @@ def pretrain(cfg: Config, out_dir: str | Path, *, train_set=None, probe_set=None
                  f"{record['images_per_second']:.0f} img/s")
         if (t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0) or epoch + 1 == t.epochs:
             checkpoint(epoch + 1)
+        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < t.epochs:
+            checkpoint(epoch + 1)
+            log.info(f"stopped after epoch {epoch + 1}; continue with --resume")
+            return None
     train_seconds = time.time() - t_train
 
     # --- evaluation and summary -----------------------------------------------------------------

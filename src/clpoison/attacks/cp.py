@@ -1,0 +1,324 @@
+"""Contrastive Poisoning (He, Zha, Katabi, ICLR 2023): CP-C and CP-S generation.
+
+Both the encoder and the poison *minimise* the contrastive loss on poisoned data. Each round:
+
+1. ``model_steps`` SGD steps of the encoder on x + p (the generator, a normal contrastive model);
+2. ``noise_steps`` batches, each with ``pgd_steps`` signed-gradient descent steps on the poison
+   rows of that batch, every step with fresh augmentations (gradient through the differentiable
+   pipeline), encoder frozen (BN in eval mode by default, as the original; ``bn_mode: train``
+   uses batch statistics and restores the running ones afterwards).
+
+Memory and speed: only the batch's rows of the poison get a gradient (``torch.autograd.grad``
+w.r.t. a (B_unique, C, H, W) leaf, never a dense (K, C, H, W) one), weight gradients are not
+computed in poison steps, and no anomaly detection runs.
+
+Dual-branch (``dual_branch: true``, for MoCo v2 and BYOL) lets the poison gradient flow through
+the momentum/target branch too. Poison steps never call ``on_step_end``, so MoCo's queue and
+EMA and BYOL's EMA do not move during them (the original code moved both on every forward;
+``noise_updates_momentum: true`` restores that behaviour).
+
+Example::
+
+    cfg = load_config("mini", "simclr")
+    poison = generate_cp(cfg, "runs/cpc", attack="cp-c")   # writes runs/cpc/poison.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from clpoison.attacks.poison import Poison, load_poison
+from clpoison.config import Config
+from clpoison.errors import ClpoisonError
+from clpoison.train.common import (EpochSampler, RunLogger, autocast, build_augment, build_method,
+                                   build_optimizer, contrastive_loss, epoch_generator,
+                                   load_checkpoint, load_data, lr_at, model_signature,
+                                   save_checkpoint, setup_runtime)
+from clpoison.utils import seed_everything, versions, write_json_atomic
+
+
+@dataclass
+class CPConfig:
+    """CP hyper-parameters (the ``attack`` section of a preset). Defaults: the original README."""
+
+    kind: str = "class"                 # class (CP-C) | sample (CP-S)
+    epsilon: float = 8 / 255
+    rounds: int | None = None           # None: 1000 (CP-C) / 200 (CP-S)
+    model_steps: int | None = None      # per round; None: 20 (CP-C) / one epoch (CP-S)
+    noise_steps: int | None = None      # batches per round; None: 20 (CP-C) / one epoch (CP-S)
+    pgd_steps: int | None = None        # signed steps per batch; None: 1 (CP-C) / 5 (CP-S)
+    step_size: float = 0.1              # per signed step, as a fraction of epsilon
+    bn_mode: str = "eval"               # BN during poison steps: eval (original) | train
+    dual_branch: bool = False           # poison gradient through the momentum/target branch too
+    noise_updates_momentum: bool = False  # original behaviour: EMA/queue move in poison steps
+    lr_schedule: str = "cosine"         # generator encoder lr: cosine (original) | constant
+    warm_start_epochs: float = 0.0      # clean contrastive epochs before the first round
+    init: str = "uniform"               # uniform | zeros (ignored with an init poison file)
+    log_every: int = 10                 # rounds between loss-gap diagnostics
+    checkpoint_every: int = 50          # rounds between generation checkpoints
+    seed: int | None = None             # None: train.seed + 1000 (generator != victim seed)
+
+    def resolved(self) -> "CPConfig":
+        c = CPConfig(**asdict(self))
+        cls = self.kind == "class"
+        if self.kind not in ("class", "sample"):
+            raise ClpoisonError(f"attack.kind must be class or sample, got {self.kind!r}")
+        c.rounds = c.rounds if c.rounds is not None else (1000 if cls else 200)
+        c.pgd_steps = c.pgd_steps if c.pgd_steps is not None else (1 if cls else 5)
+        if cls:
+            c.model_steps = c.model_steps if c.model_steps is not None else 20
+            c.noise_steps = c.noise_steps if c.noise_steps is not None else 20
+        if self.bn_mode not in ("eval", "train"):
+            raise ClpoisonError(f"attack.bn_mode must be eval or train, got {self.bn_mode!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ClpoisonError(f"attack.lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
+        if not 0 < self.epsilon <= 1:
+            raise ClpoisonError(f"attack.epsilon must be in (0, 1] pixel units (8/255 = 0.0314), got {self.epsilon}")
+        return c
+
+
+ATTACKS = {"cp-c": "class", "cp-s": "sample"}
+
+
+def cp_config(cfg: Config, attack: str = "cp-c") -> CPConfig:
+    """CP settings for ``attack`` (cp-c | cp-s): the preset's ``attack`` section holds common keys
+    at top level and per-attack keys under ``cp-c:`` / ``cp-s:``."""
+    if attack not in ATTACKS:
+        raise ClpoisonError(f"unknown CP attack {attack!r}; choose cp-c or cp-s")
+    known = {f.name for f in fields(CPConfig)} - {"kind"}
+    section = {k: v for k, v in cfg.attack.items() if not isinstance(v, dict)}
+    section.update(cfg.attack.get(attack, {}) or {})
+    unknown = set(section) - known
+    if unknown:
+        raise ClpoisonError(f"unknown attack settings {sorted(unknown)}; CP knows {sorted(known)}")
+    return CPConfig(kind=ATTACKS[attack], **section).resolved()
+
+
+def poison_step(method, augment, delta: torch.Tensor, x: torch.Tensor, prow: torch.Tensor,
+                step: float, epsilon: float, generator: torch.Generator,
+                memory_format=torch.channels_last, amp=None) -> torch.Tensor:
+    """One signed-gradient *descent* step on the poison rows ``prow`` of a batch, in place.
+
+    ``delta`` (K,C,H,W) pixel units; ``x`` clean batch in [0,1]; ``prow`` (B,) row per image.
+    Only the (U,C,H,W) rows in the batch form the autograd leaf, so the gradient never has the
+    size of the whole poison. Weight gradients are not requested. Returns the loss before the step.
+    """
+    uniq, inverse = prow.unique(return_inverse=True)                 # U rows touched
+    leaf = delta[uniq].clone().requires_grad_(True)                  # (U, C, H, W)
+    loss = contrastive_loss(method, augment, (x + leaf[inverse]).clamp(0, 1), generator,
+                            memory_format, amp)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    delta[uniq] = (leaf.detach() - step * grad.sign()).clamp_(-epsilon, epsilon)
+    return loss.detach()
+
+
+POISON_FILE = "poison.safetensors"
+CHECKPOINT = "generation.pt"
+
+
+def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train_set=None,
+                init: str | Path | None = None, resume: bool = False,
+                progress: bool = True, stop_after: int | None = None) -> Poison | None:
+    """Run CP generation in ``out_dir``: writes ``poison.safetensors``, ``metrics.jsonl``,
+    ``summary.json`` and a resumable ``generation.pt`` checkpoint. ``stop_after=R`` checkpoints
+    and returns None after round R (time-boxing; continue later with ``resume=True``)."""
+    t_start = time.time()
+    a = cp_config(cfg, attack)
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    if not resume and out_dir.exists() and any((out_dir / f).exists()
+                                               for f in (CHECKPOINT, POISON_FILE, "metrics.jsonl")):
+        raise ClpoisonError(f"{out_dir} already holds a generation run; pass --resume to continue "
+                            f"it or choose another --out")
+    device = setup_runtime(cfg)
+    t = cfg.train
+    if train_set is None:
+        train_set, _ = load_data(cfg)
+    from clpoison.data import normalization_stats
+
+    mean, std = normalization_stats(cfg.data.dataset)
+    seed = a.seed if a.seed is not None else t.seed + 1000
+    seed_everything(seed)
+
+    # --- the poison ---------------------------------------------------------------------------
+    attack_name = f"cp-{'c' if a.kind == 'class' else 's'}"
+    meta = {"attack": attack_name, "algorithm": cfg.ssl.algorithm,
+            "config": json.dumps(cfg.to_dict(), default=str)}
+    if init is not None:
+        start = load_poison(init, dataset=train_set)
+        if abs(start.epsilon - a.epsilon) > 1e-9:
+            raise ClpoisonError(f"--init poison has epsilon {start.epsilon * 255:.2f}/255 but "
+                                f"attack.epsilon is {a.epsilon * 255:.2f}/255; make them equal")
+        if start.kind == "sample" and a.kind == "class":
+            raise ClpoisonError("--init is sample-wise but attack.kind=class; a class-wise poison "
+                                "cannot start from a sample-wise one")
+        poison = start.to_samplewise(train_set) if a.kind == "sample" else start
+        poison.meta.update(meta, initialised_from=str(init))
+    else:
+        poison = Poison.for_dataset(a.kind, a.epsilon, train_set, init=a.init,
+                                    generator=torch.Generator().manual_seed(seed), **meta)
+    delta = poison.perturbation.to(device)
+    row_of = poison.rows(train_set.labels, train_set.indices).to(device)  # (N,) row per image
+    images = train_set.images.to(device)
+
+    # --- the generator: an ordinary contrastive model --------------------------------------------
+    method = build_method(cfg).to(device)
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    method = method.to(memory_format=memory_format)
+    augment = build_augment(cfg, mean, std).to(device)
+    optimizer = build_optimizer(method.online_parameters(), cfg)
+    sampler = EpochSampler(len(train_set), t.batch_size, seed)
+    per_epoch = len(sampler)
+    model_steps = a.model_steps if a.model_steps is not None else per_epoch
+    noise_steps = min(a.noise_steps if a.noise_steps is not None else per_epoch, per_epoch)
+    warm_steps = round(a.warm_start_epochs * per_epoch)
+    total_model_steps = a.rounds * model_steps
+    amp = lambda: autocast(cfg, device)  # noqa: E731
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLogger(out_dir, quiet=not progress)
+    start_round, model_step = 0, 0
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if state.get("signature") != model_signature(cfg) or state.get("attack") != asdict(a):
+            raise ClpoisonError(f"{ckpt_path} was written with other settings; resume with the same "
+                                f"preset and overrides, or choose another --out")
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        delta.copy_(state["delta"].to(device))
+        start_round, model_step = int(state["round"]), int(state["model_step"])
+        log.info(f"resumed generation from {ckpt_path} at round {start_round}")
+    log.info(f"{attack_name} with {cfg.ssl.algorithm}: {a.rounds} rounds x ({model_steps} model + "
+             f"{noise_steps}x{a.pgd_steps} poison steps) on {len(train_set)} images, eps "
+             f"{a.epsilon * 255:.1f}/255, device {device}")
+
+    def batch(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = rows.to(device)
+        return images[rows].float().div_(255), row_of[rows]
+
+    def model_phase(n_steps: int, lr_fn, poisoned: bool = True) -> float:
+        nonlocal model_step
+        method.train()
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(n_steps):
+            epoch, b = divmod(model_step, per_epoch)
+            rows = sampler.batches(epoch)[b]
+            x, prow = batch(rows)
+            if poisoned:
+                x = (x + delta[prow]).clamp_(0, 1)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_fn(model_step)
+            gen = epoch_generator(device, seed, model_step, stream=1)
+            loss = contrastive_loss(method, augment, x, gen, memory_format, amp())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            method.on_step_end()
+            loss_sum += loss.detach().float()
+            model_step += 1
+        return (loss_sum / max(1, n_steps)).item()
+
+    def noise_phase(round_index: int) -> float:
+        params = list(method.parameters())
+        grad_flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        bn_state = None
+        if a.bn_mode == "train":
+            method.train()
+            bn_state = {k: v.clone() for k, v in method.state_dict().items()
+                        if "running_" in k or "num_batches_tracked" in k}
+        else:
+            method.eval()
+        method.target_branch_grad = a.dual_branch
+        step = a.step_size * a.epsilon
+        gen = epoch_generator(device, seed, round_index, stream=2)
+        loss_sum = torch.zeros((), device=device)
+        for rows in sampler.batches(10_000_000 + round_index)[:noise_steps]:
+            x, prow = batch(rows)
+            for _ in range(a.pgd_steps):
+                loss = poison_step(method, augment, delta, x, prow, step, a.epsilon, gen,
+                                   memory_format, amp())
+                if a.noise_updates_momentum:
+                    method.on_step_end()
+                loss_sum += loss.detach().float()
+        method.target_branch_grad = False
+        for p, flag in zip(params, grad_flags):
+            p.requires_grad_(flag)
+        if bn_state is not None:
+            method.load_state_dict(bn_state, strict=False)
+        return (loss_sum / max(1, noise_steps * a.pgd_steps)).item()
+
+    # Diagnostic: clean-minus-poisoned loss on a fixed batch with identical augmentations, the
+    # cheapest early indicator of a working poison (a real shortcut lowers the poisoned loss).
+    probe_rows = sampler.batches(20_000_000)[0]
+
+    @torch.no_grad()
+    def loss_gap() -> dict:
+        method.eval()
+        x, prow = batch(probe_rows)
+        seed_gap = epoch_generator(device, seed, 0, stream=3)
+        state = seed_gap.get_state()
+        clean = contrastive_loss(method, augment, x, seed_gap, memory_format, amp()).item()
+        seed_gap.set_state(state)
+        pois = contrastive_loss(method, augment, (x + delta[prow]).clamp(0, 1), seed_gap,
+                                memory_format, amp()).item()
+        return {"clean_loss": round(clean, 5), "poisoned_loss": round(pois, 5),
+                "gap": round(clean - pois, 5)}
+
+    def checkpoint(round_done: int) -> None:
+        save_checkpoint(ckpt_path, {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "delta": delta.cpu(), "round": round_done,
+                                    "model_step": model_step, "signature": model_signature(cfg),
+                                    "attack": asdict(a)})
+
+    # --- warm start: plain clean training of the generator (feasibility study's lever) ----------
+    if start_round == 0 and model_step == 0 and warm_steps > 0:
+        loss = model_phase(warm_steps, lambda s: lr_at(s, warm_steps, per_epoch, t.lr, 1.0),
+                           poisoned=False)
+        log.info(f"warm start: {warm_steps} clean steps, loss {loss:.4f}")
+        log.metrics({"warm_start_steps": warm_steps, "loss": round(loss, 5)})
+        model_step = warm_steps  # the generation schedule starts after the warm start
+
+    def gen_lr(s: int) -> float:
+        if a.lr_schedule == "constant":
+            return t.lr
+        return lr_at(s - warm_steps, total_model_steps, 0, t.lr, t.min_lr_ratio)
+
+    t_loop = time.time()
+    bar = tqdm(range(start_round, a.rounds), desc=attack_name, disable=not progress, dynamic_ncols=True)
+    for r in bar:
+        m_loss = model_phase(model_steps, gen_lr)
+        n_loss = noise_phase(r)
+        record = {"round": r + 1, "model_loss": round(m_loss, 5), "poison_loss": round(n_loss, 5),
+                  "lr": gen_lr(model_step - 1), "seconds": round(time.time() - t_loop, 1)}
+        if (r + 1) % a.log_every == 0 or r + 1 == a.rounds:
+            record.update(loss_gap())
+            log.info(f"round {r + 1}/{a.rounds}: model loss {m_loss:.4f}, poison loss {n_loss:.4f}, "
+                     f"gap {record['gap']:.4f}")
+        log.metrics(record)
+        bar.set_postfix(model=f"{m_loss:.3f}", poison=f"{n_loss:.3f}")
+        if a.checkpoint_every and (r + 1) % a.checkpoint_every == 0 and r + 1 < a.rounds:
+            checkpoint(r + 1)
+        if stop_after is not None and r + 1 >= stop_after and r + 1 < a.rounds:
+            checkpoint(r + 1)
+            log.info(f"stopped after round {r + 1}; continue with --resume")
+            return None
+
+    poison.perturbation = delta.cpu()
+    poison.meta["rounds_done"] = a.rounds
+    if log.rank == 0:
+        poison.save(out_dir / POISON_FILE)
+        write_json_atomic(out_dir / "summary.json", {
+            "attack": attack_name, "algorithm": cfg.ssl.algorithm, "train_size": len(train_set),
+            "train_fingerprint": train_set.fingerprint(), "cp": asdict(a),
+            "final_gap": loss_gap(), "wall_seconds": round(time.time() - t_start, 1),
+            "config": cfg.to_dict(), "versions": versions()})
+    checkpoint(a.rounds)
+    return poison

@@ -1,0 +1,87 @@
+"""Victim pre-training: determinism, resume equivalence, summaries and run-folder errors."""
+
+import json
+
+import pytest
+import torch
+
+from clpoison.cli import main
+from clpoison.config import load_config
+from clpoison.errors import ClpoisonError
+from clpoison.train import pretrain
+from tests.conftest import tiny_overrides
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["method"]
+
+
+def _run(tmp, small, name, alg="simclr", **kw):
+    train, test = small
+    cfg = load_config("mini", alg, tiny_overrides())
+    return pretrain(cfg, tmp / name, train_set=train, probe_set=train, test_set=test,
+                    progress=False, **kw)
+
+
+@pytest.mark.parametrize("alg", ["simclr", "mocov2", "byol"])
+def test_resume_reaches_same_weights(tmp_path, small_cifar, alg):
+    _run(tmp_path, small_cifar, "full", alg, evaluate=False)
+    assert _run(tmp_path, small_cifar, "split", alg, evaluate=False, stop_after=1) is None
+    first = _weights(tmp_path / "split" / "checkpoint.pt")
+    train, test = small_cifar
+    cfg = load_config("mini", alg, tiny_overrides())
+    pretrain(cfg, tmp_path / "split", train_set=train, probe_set=train, test_set=test,
+             progress=False, evaluate=False, resume=True)
+    full, resumed = _weights(tmp_path / "full" / "checkpoint.pt"), _weights(tmp_path / "split" / "checkpoint.pt")
+    assert any(not torch.equal(first[k], full[k]) for k in full)  # the second epoch did something
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_summary_and_floor(tmp_path, small_cifar):
+    s = _run(tmp_path, small_cifar, "run")
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key in ("final", "random_init", "config", "versions", "train_fingerprint", "wall_seconds"):
+        assert key in saved
+    assert 0 <= saved["final"]["linear_final"] <= 100 and 0 <= saved["final"]["knn"] <= 100
+    assert saved["final"]["linear_best_over_epochs"] >= saved["final"]["linear_final"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
+    assert s["final"]["test_size"] == 100
+
+
+def test_refuses_existing_run_and_changed_config(tmp_path, small_cifar):
+    _run(tmp_path, small_cifar, "run", evaluate=False)
+    with pytest.raises(ClpoisonError, match="--resume"):
+        _run(tmp_path, small_cifar, "run", evaluate=False)
+    train, test = small_cifar
+    cfg = load_config("mini", "simclr", tiny_overrides(**{"train.lr": 0.1}))
+    with pytest.raises(ClpoisonError, match="different configuration"):
+        pretrain(cfg, tmp_path / "run", train_set=train, probe_set=train, test_set=test,
+                 progress=False, evaluate=False, resume=True)
+
+
+def test_eval_refuses_checkpoint_of_other_architecture(tmp_path, small_cifar, capsys):
+    _run(tmp_path, small_cifar, "run", evaluate=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    ckpt["signature"]["width"] = 8
+    torch.save(ckpt, tmp_path / "edited.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "edited.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another model" in err[0] and "width" in err[0]
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    assert main(["eval", "--checkpoint", str(tmp_path / "broken.pt")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CLPOISON_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("CLPOISON_CACHE", str(tmp_path / "cache"))
+    assert main(["train", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["train", "--algorithm", "simsiam", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown algorithm" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "CLPOISON_DATA" in err and "wget" in err
+    assert not (tmp_path / "x").exists()  # no partial output on bad input
