@@ -1,0 +1,222 @@
+"""Contrastive Poisoning: budget, sparse poison gradients, descent, dual-branch, files, export,
+and resume equivalence of generation."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from clpoison.attacks import Poison, generate_cp, load_poison
+from clpoison.attacks.cp import poison_step
+from clpoison.cli import main
+from clpoison.config import load_config
+from clpoison.errors import ClpoisonError
+from clpoison.train.common import build_augment, build_method
+from tests.conftest import tiny_overrides
+
+EPS = 8 / 255
+
+
+def _method_and_augment(alg="simclr", **over):
+    cfg = load_config("mini", alg, tiny_overrides(**over))
+    torch.manual_seed(0)
+    return build_method(cfg).eval(), build_augment(cfg, (0.49, 0.48, 0.45), (0.2, 0.2, 0.2))
+
+
+def test_budget_holds_in_float_and_after_quantisation(small_cifar):
+    train, _ = small_cifar
+    for kind in ("class", "sample"):
+        p = Poison.for_dataset(kind, EPS, train, generator=torch.Generator().manual_seed(0))
+        p.perturbation = p.perturbation.sign() * EPS  # push every entry to the bound
+        assert p.perturbation.abs().max() <= EPS
+        poisoned = p.poison_dataset(train)
+        diff = (poisoned.images.int() - train.images.int()).abs()
+        assert diff.max().item() <= 8 and diff.float().mean() > 5  # exactly 8/255 where room allows
+        assert poisoned.images.dtype == torch.uint8
+        assert torch.equal(poisoned.labels, train.labels) and torch.equal(poisoned.indices, train.indices)
+    # an epsilon that is not a multiple of 1/255 still holds after rounding
+    p = Poison.for_dataset("sample", 4.6 / 255, train)
+    p.perturbation = p.perturbation.sign() * 4.6 / 255
+    assert (p.poison_dataset(train).images.int() - train.images.int()).abs().max() <= 4
+
+
+@pytest.mark.parametrize("kind", ["class", "sample"])
+def test_poison_step_touches_only_batch_rows(small_cifar, kind):
+    train, _ = small_cifar
+    method, augment = _method_and_augment()
+    for p in method.parameters():
+        p.requires_grad_(False)
+    poison = Poison.for_dataset(kind, EPS, train, generator=torch.Generator().manual_seed(1))
+    delta = poison.perturbation.clone()
+    before = delta.clone()
+    rows = torch.tensor([0, 1, 2, 3, 40, 41, 42, 43])   # classes 0 and 2 in the sorted subset
+    x = train.images[rows].float() / 255
+    prow = poison.rows(train.labels, train.indices)[rows]
+    poison_step(method, augment, delta, x, prow, 0.1 * EPS, EPS, torch.Generator().manual_seed(0),
+                torch.contiguous_format)
+    changed = (delta != before).flatten(1).any(1).nonzero().flatten()
+    assert set(changed.tolist()) == set(prow.unique().tolist())
+    assert delta.abs().max() <= EPS + 1e-9
+    assert all(p.grad is None for p in method.parameters())   # no weight gradients in poison steps
+
+
+def test_descent_lowers_contrastive_loss(small_cifar):
+    train, _ = small_cifar
+    method, augment = _method_and_augment()
+    for p in method.parameters():
+        p.requires_grad_(False)
+    rows = torch.arange(32)
+    x = train.images[rows].float() / 255
+    poison = Poison.for_dataset("sample", EPS, train, init="zeros")
+    delta = poison.perturbation.clone()
+    prow = poison.rows(train.labels, train.indices)[rows]
+
+    def loss_with_fixed_views():
+        from clpoison.train.common import contrastive_loss
+        with torch.no_grad():
+            return contrastive_loss(method, augment, (x + delta[prow]).clamp(0, 1),
+                                    torch.Generator().manual_seed(123), torch.contiguous_format).item()
+
+    # Signed descent on a fixed objective (the same augmented views at every step) must lower it.
+    start = loss_with_fixed_views()
+    for _ in range(10):
+        poison_step(method, augment, delta, x, prow, 0.2 * EPS, EPS,
+                    torch.Generator().manual_seed(123), torch.contiguous_format)
+    assert loss_with_fixed_views() < start - 0.05
+    assert delta[prow].abs().max() <= EPS + 1e-9
+
+
+@pytest.mark.parametrize("alg", ["mocov2", "byol"])
+def test_dual_branch_changes_poison_gradient(small_cifar, alg):
+    train, _ = small_cifar
+    method, augment = _method_and_augment(alg)
+    with torch.no_grad():
+        target = method.key_encoder if alg == "mocov2" else method.target_encoder
+        for p in target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for p in method.parameters():
+        p.requires_grad_(False)
+    rows = torch.arange(16)
+    x = train.images[rows].float() / 255
+    poison = Poison.for_dataset("sample", EPS, train, init="zeros")
+    prow = poison.rows(train.labels, train.indices)[rows]
+    results = []
+    for dual in (False, True):
+        method.target_branch_grad = dual
+        delta = poison.perturbation.clone()
+        poison_step(method, augment, delta, x, prow, 1.0, 1.0, torch.Generator().manual_seed(5),
+                    torch.contiguous_format)  # step 1 with eps 1: delta = -sign(grad)
+        results.append(delta[:16].clone())
+    assert not torch.equal(results[0], results[1])
+
+
+def test_poison_file_round_trip_and_refusals(tmp_path, small_cifar):
+    train, test = small_cifar
+    p = Poison.for_dataset("sample", EPS, train, generator=torch.Generator().manual_seed(0),
+                           attack="cp-s", algorithm="simclr", config={"a": 1})
+    path = tmp_path / "p.safetensors"
+    p.save(path)
+    q = load_poison(path, dataset=train)
+    assert torch.equal(p.perturbation, q.perturbation) and torch.equal(p.sample_indices, q.sample_indices)
+    assert q.kind == "sample" and q.epsilon == pytest.approx(EPS) and q.meta["algorithm"] == "simclr"
+    assert q.meta["fingerprint"] == train.fingerprint() and q.meta["config"] == {"a": 1}
+    # another dataset / split / subset
+    with pytest.raises(ClpoisonError, match="made for cifar10/train, not cifar10/test"):
+        load_poison(path, dataset=test)
+    other = train.subset(torch.arange(100))
+    with pytest.raises(ClpoisonError, match="different training set"):
+        load_poison(path, dataset=other)
+    # wrong shape (class-wise poison with the wrong number of classes)
+    bad = Poison(torch.zeros(7, 3, 32, 32), "class", EPS, meta={"dataset": "cifar10", "split": "train"})
+    bad.save(tmp_path / "c7.safetensors")
+    with pytest.raises(ClpoisonError, match="7 rows"):
+        load_poison(tmp_path / "c7.safetensors", dataset=train)
+    bad = Poison(torch.zeros(10, 3, 16, 16), "class", EPS)
+    bad.save(tmp_path / "small.safetensors")
+    with pytest.raises(ClpoisonError, match="shape"):
+        load_poison(tmp_path / "small.safetensors", dataset=train)
+    # epsilon violated, NaN
+    from safetensors.torch import save_file
+    header = {"format": "clpoison-poison/1", "kind": "class", "epsilon": repr(EPS), "shape": "[10, 3, 32, 32]"}
+    save_file({"perturbation": torch.full((10, 3, 32, 32), 9 / 255)}, str(tmp_path / "big.safetensors"), header)
+    with pytest.raises(ClpoisonError, match="beyond its epsilon"):
+        load_poison(tmp_path / "big.safetensors")
+    nan = torch.zeros(10, 3, 32, 32)
+    nan[3, 0, 0, 0] = float("nan")
+    save_file({"perturbation": nan}, str(tmp_path / "nan.safetensors"), header)
+    with pytest.raises(ClpoisonError, match="NaN"):
+        load_poison(tmp_path / "nan.safetensors")
+    # truncated file, garbage file, missing file
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ClpoisonError, match="corrupt or truncated"):
+        load_poison(tmp_path / "trunc.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(ClpoisonError, match="corrupt or truncated"):
+        load_poison(tmp_path / "junk.safetensors")
+    with pytest.raises(ClpoisonError, match="does not exist"):
+        load_poison(tmp_path / "missing.safetensors")
+
+
+def test_export_round_trip(tmp_path, small_cifar):
+    from clpoison.data import load_dataset
+    from clpoison.export import export_dataset
+
+    train, test = small_cifar
+    p = Poison.for_dataset("class", EPS, train, generator=torch.Generator().manual_seed(0))
+    poisoned = p.poison_dataset(train)
+    written = export_dataset(poisoned, test, tmp_path / "out")
+    back = load_dataset("cifar10", "train", root=tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert torch.equal(back.images, poisoned.images) and torch.equal(back.labels, poisoned.labels)
+    back_test = load_dataset("cifar10", "test", root=tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert torch.equal(back_test.images, test.images)
+    z = np.load(written["npz"], allow_pickle=False)
+    assert np.array_equal(z["x_train"], poisoned.images.permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(z["index_train"], train.indices.numpy())
+    pngs = sorted((tmp_path / "out" / "png" / "train").rglob("*.png"))
+    assert len(pngs) == len(train)
+    from PIL import Image
+    first = poisoned.images[0].permute(1, 2, 0).numpy()
+    name = train.class_names[int(train.labels[0])]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "png" / "train" / name /
+                                                f"{int(train.indices[0]):05d}.png")), first)
+
+
+def _gen(tmp, small, name, attack="cp-c", **kw):
+    train, _ = small
+    over = tiny_overrides(**{"attack.rounds": 4, "attack.model_steps": 2, "attack.noise_steps": 2,
+                             "attack.log_every": 2, "attack.checkpoint_every": 2})
+    cfg = load_config("mini", kw.pop("alg", "simclr"), over)
+    return generate_cp(cfg, tmp / name, attack=attack, train_set=train, progress=False, **kw)
+
+
+def test_generation_resume_equivalence(tmp_path, small_cifar):
+    full = _gen(tmp_path, small_cifar, "full")
+    assert _gen(tmp_path, small_cifar, "split", stop_after=1) is None
+    resumed = _gen(tmp_path, small_cifar, "split", resume=True)
+    assert torch.equal(full.perturbation, resumed.perturbation)
+    assert full.perturbation.abs().max() <= EPS + 1e-9 and full.perturbation.abs().sum() > 0
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert "gap" in summary["final_gap"]
+    written = load_poison(tmp_path / "full" / "poison.safetensors", dataset=small_cifar[0])
+    assert written.meta["attack"] == "cp-c" and written.kind == "class"
+
+
+@pytest.mark.parametrize("alg", ["mocov2", "byol"])
+def test_cps_from_cpc_for_momentum_methods(tmp_path, small_cifar, alg):
+    _gen(tmp_path, small_cifar, "cpc", alg=alg)
+    init = tmp_path / "cpc" / "poison.safetensors"
+    cps = _gen(tmp_path, small_cifar, "cps", attack="cp-s", alg=alg, init=init)
+    assert cps.kind == "sample" and cps.perturbation.shape[0] == len(small_cifar[0])
+    cpc = load_poison(init)
+    assert not torch.equal(cps.perturbation, cpc.perturbation[small_cifar[0].labels])
+
+
+def test_cli_attack_refuses_bad_poison(tmp_path, capsys):
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    assert main(["show", "--poison", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert main(["attack", "cp-c", "--out", str(tmp_path / "p.pt")]) == 2
+    assert ".safetensors" in capsys.readouterr().err
