@@ -172,6 +172,19 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_story(args) -> int:
+    from clpoison.story import run_story
+
+    seeds = [int(v) for v in args.seeds.split(",")]
+    attacks = [a for a in args.attacks.split(",") if a]
+    report = run_story(args.preset, args.out, algorithm=args.algorithm or "simclr", seeds=seeds,
+                       attacks=attacks, overrides=_overrides(args), progress=not args.quiet,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clpoison", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted generation")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("story", help="the whole story: clean victim, CP poisons, poisoned victims, report")
+    _common(p)
+    p.add_argument("--out", required=True, type=Path, help="folder for everything (rerun to resume)")
+    p.add_argument("--seeds", default="0", help="victim seeds, comma-separated (paired clean/poisoned)")
+    p.add_argument("--attacks", default="cp-c", help="comma list of cp-c, cp-s (cp-s starts from cp-c)")
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="victim epochs")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_story)
 
     for name, func, helptext in (("export", cmd_export, "write the poisoned training set (+ clean test)"),
                                  ("show", cmd_show, "render a PNG of a poison")):

@@ -1,0 +1,120 @@
+"""Throughput and peak memory of CP's steps, as ratios to a plain ResNet-18 forward+backward.
+
+Cases (each timed in its own subprocess so that peak memory is its own):
+  plain       ResNet-18 (+ head) forward+backward+SGD on 2 x B pre-augmented views
+  model       a CP model step: poison gather + 2 augmentations + forward+backward+SGD
+  noise-c     a CP-C poison step (10-row poison): augment, forward, backward to the poison rows only
+  noise-s     a CP-S poison step with a 50,000-row poison (sparse rows, no dense gradient)
+
+Usage: python bench/bench_cp.py [--width 16] [--batch 256] [--repeats 5] [--device cpu]
+Prints images/s (source images: each image gives two views), seconds/step, the ratio to
+`plain` measured in the same run, and peak memory (CUDA: max allocated; CPU: peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+CASES = ("plain", "model", "noise-c", "noise-s")
+
+
+def run_case(case: str, width: int, batch: int, repeats: int, device: str, algorithm: str) -> dict:
+    import torch
+
+    from clpoison.attacks.cp import poison_step
+    from clpoison.config import load_config
+    from clpoison.train.common import build_augment, build_method, build_optimizer, contrastive_loss
+
+    torch.manual_seed(0)
+    cfg = load_config("mini", algorithm, {"model.width": width, "train.device": device})
+    dev = torch.device(device)
+    method = build_method(cfg).to(dev).to(memory_format=torch.channels_last)
+    augment = build_augment(cfg, (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)).to(dev)
+    opt = build_optimizer(method.online_parameters(), cfg)
+    n_rows = {"noise-c": 10, "noise-s": 50_000}.get(case, 10)
+    delta = torch.zeros(n_rows, 3, 32, 32, device=dev)
+    x = torch.rand(batch, 3, 32, 32, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    prow = torch.randint(0, n_rows, (batch,), device=dev) if case != "noise-s" else \
+        torch.randperm(n_rows, device=dev)[:batch]
+    views = (augment(x, generator=gen).contiguous(memory_format=torch.channels_last),
+             augment(x, generator=gen).contiguous(memory_format=torch.channels_last))
+    eps = 8 / 255
+
+    def step():
+        if case == "plain":
+            loss = method(*views)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        elif case == "model":
+            xp = (x + delta[prow]).clamp(0, 1)
+            loss = contrastive_loss(method, augment, xp, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            method.on_step_end()
+        else:
+            poison_step(method, augment, delta, x, prow, 0.1 * eps, eps, gen)
+
+    if case.startswith("noise"):
+        method.eval()
+        for p in method.parameters():
+            p.requires_grad_(False)
+    else:
+        method.train()
+    step()  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    sec = (time.perf_counter() - t0) / repeats
+    if dev.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"case": case, "seconds_per_step": sec, "images_per_s": batch / sec, "peak_mb": peak_mb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--algorithm", default="simclr")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.width, args.batch, args.repeats, args.device,
+                                  args.algorithm)))
+        return
+    rows = []
+    for case in args.cases.split(","):
+        cmd = [sys.executable, __file__, "--case", case, "--width", str(args.width), "--batch",
+               str(args.batch), "--repeats", str(args.repeats), "--device", args.device,
+               "--algorithm", args.algorithm]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    plain = next((r for r in rows if r["case"] == "plain"), None)
+    print(f"CP step benchmark: {args.algorithm}, ResNet-18 width {args.width}, batch {args.batch} "
+          f"images (= {2 * args.batch} views), device {args.device}")
+    print(f"{'case':<9} {'s/step':>8} {'img/s':>8} {'x plain':>8} {'peak MB':>9}")
+    for r in rows:
+        ratio = r["seconds_per_step"] / plain["seconds_per_step"] if plain else float("nan")
+        print(f"{r['case']:<9} {r['seconds_per_step']:8.3f} {r['images_per_s']:8.1f} {ratio:8.2f} "
+              f"{r['peak_mb']:9.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up, then run the main job: the whole Contrastive Poisoning story on this machine's CPU
+# (clean SimCLR victim, CP-C poison, victim on the poisoned data, report).
+#   scripts/quickstart.sh                  # preset `mini` (a smoke run of minutes)
+#   PRESET=cpu scripts/quickstart.sh       # the CPU protocol where the effect shows (~1 hour)
+# Extra arguments go to `clpoison story` (e.g. --seeds 0,1 --attacks cp-c,cp-s).
+. "$(dirname "$0")/_env.sh" test
+PRESET="${PRESET:-mini}"
+OUT="${OUT:-runs/story-$PRESET}"
+download=()
+[ -e "$CLPOISON_DATA/cifar10_jpeg.tar.gz" ] || [ -e "$CLPOISON_DATA/cifar-10-python.tar.gz" ] || \
+  [ -d "$CLPOISON_DATA/cifar-10-batches-py" ] || download=(--download)
+echo "clpoison story, preset $PRESET -> $OUT (data: $CLPOISON_DATA); rerun to resume." >&2
+exec clpoison story --preset "$PRESET" --out "$OUT" "${download[@]}" "$@"

@@ -1,0 +1,141 @@
+"""The whole story in one call: clean victim, CP generation, victims on the poisoned data,
+evaluation on clean test data, and a Markdown report with the random-init floor and a picture.
+
+Every stage writes into its own folder and is skipped when already finished, so a killed run
+continues where it stopped (``clpoison story`` again with the same ``--out``).
+
+Example::
+
+    report = run_story("mini", "runs/story", seeds=[0])    # returns the report's path
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from clpoison.attacks import Poison, generate_cp, load_poison
+from clpoison.attacks.cp import POISON_FILE
+from clpoison.config import load_config
+from clpoison.train import pretrain
+from clpoison.train.common import load_data
+from clpoison.utils import atomic_path, versions, write_json_atomic
+
+CONTROLS = ("random",)
+
+
+def _done(folder: Path) -> dict | None:
+    f = folder / "summary.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def random_noise_poison(train_set, epsilon: float, seed: int) -> Poison:
+    """The control every table needs: uniform noise in [-eps, eps], one pattern per image."""
+    return Poison.for_dataset("sample", epsilon, train_set, init="uniform",
+                              generator=torch.Generator().manual_seed(seed), attack="random")
+
+
+def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=(0,),
+              attacks=("cp-c",), controls=CONTROLS, overrides=(), progress: bool = True,
+              log=print) -> Path:
+    t0 = time.time()
+    out = Path(out)
+    cfg = load_config(preset, algorithm, list(overrides))
+    clean_train, test = load_data(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "story.json", {"preset": preset, "algorithm": algorithm,
+                                           "seeds": list(seeds), "attacks": list(attacks),
+                                           "controls": list(controls), "overrides": list(overrides),
+                                           "versions": versions()})
+
+    # --- poisons -------------------------------------------------------------------------------
+    poisons: dict[str, Path] = {}
+    for attack in attacks:
+        run_dir = out / "poisons" / attack
+        target = run_dir / POISON_FILE
+        if not target.exists():
+            init = poisons.get("cp-c") if attack == "cp-s" else None
+            log(f"== generating {attack} ({algorithm}) in {run_dir}")
+            generate_cp(cfg, run_dir, attack=attack, train_set=clean_train, init=init,
+                        resume=run_dir.exists(), progress=progress)
+        poisons[attack] = target
+    eps = float(cfg.attack.get("epsilon", 8 / 255))
+    for control in controls:
+        target = out / "poisons" / control / POISON_FILE
+        if not target.exists():
+            random_noise_poison(clean_train, eps, seed=12345).save(target)
+        poisons[control] = target
+
+    # --- victims (paired: same seed, init, batch order and augmentations across rows) -----------
+    results: dict[str, list[dict]] = {"clean": []}
+    floors = []
+    for seed in seeds:
+        vcfg = load_config(preset, algorithm, list(overrides) + [f"train.seed={seed}"])
+        rows = [("clean", None)] + [(name, p) for name, p in poisons.items()]
+        for name, path in rows:
+            run_dir = out / "victims" / f"{name}-seed{seed}"
+            summary = _done(run_dir)
+            if summary is None:
+                log(f"== victim {algorithm} seed {seed} on {name} data")
+                train_set = clean_train
+                if path is not None:
+                    train_set = load_poison(path, dataset=clean_train).poison_dataset(clean_train)
+                summary = pretrain(vcfg, run_dir, train_set=train_set, probe_set=clean_train,
+                                   test_set=test, resume=run_dir.exists(), progress=progress,
+                                   extra_summary={"data": name})
+            results.setdefault(name, []).append(summary["final"])
+            if name == "clean" and summary.get("random_init"):
+                floors.append(summary["random_init"])
+
+    # --- report --------------------------------------------------------------------------------
+    picture = None
+    if attacks:
+        from clpoison.visualize import render_poison
+
+        picture = out / f"{attacks[0]}.png"
+        render_poison(load_poison(poisons[attacks[0]], dataset=clean_train), clean_train, picture)
+    report = out / "report.md"
+    text = _report(preset, algorithm, seeds, results, floors, len(clean_train), len(test),
+                   time.time() - t0, picture)
+    with atomic_path(report) as tmp:
+        tmp.write_text(text)
+    write_json_atomic(out / "results.json", {"results": results, "random_init": floors})
+    return report
+
+
+def _fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _report(preset, algorithm, seeds, results, floors, n_train, n_test, seconds, picture) -> str:
+    lines = [f"# clpoison story: {algorithm}, preset `{preset}`", "",
+             f"Victims trained on {n_train} images (poisoned or clean), evaluated on {n_test} clean "
+             f"test images; seeds {list(seeds)}; mean ± std over seeds. Linear = fast linear probe, "
+             f"final accuracy. Δ = poisoned minus clean, paired by seed.", "",
+             "| training data | linear % | kNN % | Δ linear | Δ kNN |", "|---|---|---|---|---|"]
+    clean_lin = [r["linear_final"] for r in results["clean"]]
+    clean_knn = [r["knn"] for r in results["clean"]]
+    for name, rows in results.items():
+        lin = [r["linear_final"] for r in rows]
+        knn = [r["knn"] for r in rows]
+        if name == "clean":
+            d_lin = d_knn = "—"
+        else:
+            d_lin = _fmt([a - b for a, b in zip(lin, clean_lin)])
+            d_knn = _fmt([a - b for a, b in zip(knn, clean_knn)])
+        lines.append(f"| {name} | {_fmt(lin)} | {_fmt(knn)} | {d_lin} | {d_knn} |")
+    if floors:
+        lines.append(f"| random-init encoder (floor) | {_fmt([f['linear_final'] for f in floors])} | "
+                     f"{_fmt([f['knn'] for f in floors])} | | |")
+    lines += ["", f"Wall time: {seconds / 60:.1f} min."]
+    if picture is not None:
+        lines += ["", f"![poison]({picture.name})", "",
+                  "Top row: the poison patterns amplified to full range; below, per class: clean | "
+                  "poisoned | difference (amplified)."]
+    return "\n".join(lines) + "\n"
