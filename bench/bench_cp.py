@@ -3,7 +3,8 @@
 Cases (each timed in its own subprocess so that peak memory is its own):
   plain       ResNet-18 (+ head) forward+backward+SGD on 2 x B pre-augmented views
   model       a CP model step: poison gather + 2 augmentations + forward+backward+SGD
-  noise-c     a CP-C poison step (10-row poison): augment, forward, backward to the poison rows only
+  noise-c     a CP-C poison step (10-row poison): augment, forward, backward to the poison rows
+              only, through the BN-folded frozen generator exactly as generate_cp runs it
   noise-s     a CP-S poison step with a 50,000-row poison (sparse rows, no dense gradient)
 
 Usage: python bench/bench_cp.py [--width 16] [--batch 256] [--repeats 5] [--device cpu]
@@ -63,9 +64,11 @@ def run_case(case: str, width: int, batch: int, repeats: int, device: str, algor
             poison_step(method, augment, delta, x, prow, 0.1 * eps, eps, gen)
 
     if case.startswith("noise"):
-        method.eval()
+        from clpoison.models import fuse_conv_bn
+
         for p in method.parameters():
             p.requires_grad_(False)
+        method = fuse_conv_bn(method.eval()).to(memory_format=torch.channels_last)  # as generate_cp
     else:
         method.train()
     step()  # warm-up

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, fields
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from clpoison.attacks.poison import Poison, load_poison
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
+from clpoison.models.fuse import fuse_conv_bn
 from clpoison.train.common import (EpochSampler, RunLogger, autocast, build_augment, build_method,
                                    build_optimizer, contrastive_loss, epoch_generator,
                                    load_checkpoint, load_data, lr_at, model_signature,
@@ -116,6 +118,18 @@ def poison_step(method, augment, delta: torch.Tensor, x: torch.Tensor, prow: tor
     (grad,) = torch.autograd.grad(loss, leaf)
     delta[uniq] = (leaf.detach() - step * grad.sign()).clamp_(-epsilon, epsilon)
     return loss.detach()
+
+
+def _copy_momentum_state(src, dst) -> None:
+    """Carry the target/key encoders and the queue moved during poison steps back (original mode)."""
+    own = dict(dst.named_parameters())
+    own_buffers = dict(dst.named_buffers())
+    for name, value in src.state_dict().items():
+        top = name.split(".")[0]
+        if top.startswith(("key_", "target_")) or top in ("queue", "queue_ptr"):
+            target = own.get(name, own_buffers.get(name))
+            if target is not None and target.shape == value.shape:
+                target.data.copy_(value)
 
 
 POISON_FILE = "poison.safetensors"
@@ -225,34 +239,34 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         return (loss_sum / max(1, n_steps)).item()
 
     def noise_phase(round_index: int) -> float:
-        params = list(method.parameters())
-        grad_flags = [p.requires_grad for p in params]
-        for p in params:
+        # The poison sees a frozen copy of the generator: weights need no gradient, and with BN
+        # in eval mode (the original's choice) BN is folded into the convolutions (~20% faster).
+        # With bn_mode=train, batch statistics are used and the generator's running statistics
+        # stay untouched because the copy is thrown away.
+        frozen = copy.deepcopy(method)
+        for p in frozen.parameters():
             p.requires_grad_(False)
-        bn_state = None
         if a.bn_mode == "train":
-            method.train()
-            bn_state = {k: v.clone() for k, v in method.state_dict().items()
-                        if "running_" in k or "num_batches_tracked" in k}
+            frozen.train()
+        elif a.noise_updates_momentum:
+            frozen.eval()  # EMA of folded weights is not the fold of the EMA: keep BN separate
         else:
-            method.eval()
-        method.target_branch_grad = a.dual_branch
+            frozen = fuse_conv_bn(frozen.eval()).to(memory_format=memory_format)
+        frozen.target_branch_grad = a.dual_branch
         step = a.step_size * a.epsilon
         gen = epoch_generator(device, seed, round_index, stream=2)
         loss_sum = torch.zeros((), device=device)
         for rows in sampler.batches(10_000_000 + round_index)[:noise_steps]:
             x, prow = batch(rows)
             for _ in range(a.pgd_steps):
-                loss = poison_step(method, augment, delta, x, prow, step, a.epsilon, gen,
+                loss = poison_step(frozen, augment, delta, x, prow, step, a.epsilon, gen,
                                    memory_format, amp())
                 if a.noise_updates_momentum:
-                    method.on_step_end()
-                loss_sum += loss.detach().float()
-        method.target_branch_grad = False
-        for p, flag in zip(params, grad_flags):
-            p.requires_grad_(flag)
-        if bn_state is not None:
-            method.load_state_dict(bn_state, strict=False)
+                    # the original's side effect: EMA and queue move during poison steps
+                    frozen.on_step_end()
+                loss_sum += loss.float()
+        if a.noise_updates_momentum:
+            _copy_momentum_state(frozen, method)
         return (loss_sum / max(1, noise_steps * a.pgd_steps)).item()
 
     # Diagnostic: clean-minus-poisoned loss on a fixed batch with identical augmentations, the
