@@ -79,7 +79,8 @@ class Poison:
         check_dataset(self, dataset, allow_kind_change=True)
         p = self.perturbation[dataset.labels].clone()
         return Poison(p, "sample", self.epsilon, dataset.indices.clone(),
-                      {**self.meta, "initialised_from": self.meta.get("attack", "class-wise")})
+                      {**self.meta, **dataset_meta(dataset),
+                       "initialised_from": self.meta.get("attack", "class-wise")})
 
     # --- use -----------------------------------------------------------------------------------
     def rows(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
