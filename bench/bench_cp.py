@@ -32,6 +32,7 @@ def run_case(case: str, width: int, batch: int, repeats: int, device: str, algor
     from clpoison.train.common import build_augment, build_method, build_optimizer, contrastive_loss
 
     torch.manual_seed(0)
+    torch.set_flush_denormal(True)  # as setup_runtime does in every run (see train/common.py)
     cfg = load_config("mini", algorithm, {"model.width": width, "train.device": device})
     dev = torch.device(device)
     method = build_method(cfg).to(dev).to(memory_format=torch.channels_last)

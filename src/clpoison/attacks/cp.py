@@ -38,6 +38,7 @@ from clpoison.attacks.poison import Poison, load_poison
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
 from clpoison.models.fuse import fuse_conv_bn
+from clpoison.train.common import memory_format as channels_format
 from clpoison.train.common import (EpochSampler, RunLogger, autocast, build_augment, build_method,
                                    build_optimizer, contrastive_loss, epoch_generator,
                                    load_checkpoint, load_data, lr_at, model_signature,
@@ -183,7 +184,7 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
 
     # --- the generator: an ordinary contrastive model --------------------------------------------
     method = build_method(cfg).to(device)
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    memory_format = channels_format(cfg, device)
     method = method.to(memory_format=memory_format)
     augment = build_augment(cfg, mean, std).to(device)
     optimizer = build_optimizer(method.online_parameters(), cfg)

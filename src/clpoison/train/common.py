@@ -48,11 +48,24 @@ def setup_runtime(cfg: Config) -> torch.device:
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    # Denormal floats appear in the backward of narrow nets after a few SGD steps and make CPU
+    # kernels 100x slower (a width-4 step went from 0.7 s to minutes). Flushing them to zero
+    # changes results by less than float rounding. No effect on GPUs.
+    torch.set_flush_denormal(True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def memory_format(cfg: Config, device: torch.device) -> torch.memory_format:
+    """channels_last when asked for, except for very narrow nets on a CPU: with fewer than 8
+    channels oneDNN's channels_last backward stalls for minutes per step (measured at width 4;
+    widths 8 and 16 are ~30% faster in channels_last than contiguous)."""
+    if not cfg.train.channels_last or (device.type == "cpu" and cfg.model.width < 8):
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 def autocast(cfg: Config, device: torch.device):

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
 from clpoison.eval import evaluate_encoder
+from clpoison.train.common import memory_format as channels_format
 from clpoison.train.common import (EpochSampler, RunLogger, autocast, build_augment,
                                    build_method, build_optimizer, check_signature,
                                    contrastive_loss,
@@ -75,7 +76,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, train_set=None, probe_set=None
     # --- model, optimiser, schedule -------------------------------------------------------
     seed_everything(t.seed)
     method = build_method(cfg).to(device)
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    memory_format = channels_format(cfg, device)
     method = method.to(memory_format=memory_format)
     if t.compile:
         method.encoder.compile()
