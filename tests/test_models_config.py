@@ -44,3 +44,19 @@ def test_config_errors():
         load_config("mini", overrides=["train.epochs"])
     with pytest.raises(ClpoisonError, match="expected int"):
         load_config("mini", overrides=["train.epochs=abc"])
+
+
+def test_attack_settings_are_checked():
+    from clpoison.attacks import cp_config
+
+    cfg = load_config("mini", "simclr", ["attack.epsilon=8/255", "attack.cp-c.rounds=3"])
+    a = cp_config(cfg, "cp-c")
+    assert a.epsilon == pytest.approx(8 / 255) and a.rounds == 3 and a.kind == "class"
+    with pytest.raises(ClpoisonError, match="unknown attack section"):
+        cp_config(load_config("mini", "simclr", ["attack.cp_c.rounds=5"]), "cp-c")
+    with pytest.raises(ClpoisonError, match="expected int"):
+        cp_config(load_config("mini", "simclr", ["attack.cp-c.rounds=many"]), "cp-c")
+    with pytest.raises(ClpoisonError, match="pgd_steps"):
+        cp_config(load_config("mini", "simclr", ["attack.cp-s.pgd_steps=0"]), "cp-s")
+    assert cp_config(load_config("paper", "byol"), "cp-s").pgd_steps == 1
+    assert cp_config(load_config("paper", "mocov2"), "cp-s").dual_branch is True

@@ -77,7 +77,7 @@ def cmd_eval(args) -> int:
 
     if args.checkpoint:
         state = load_checkpoint(Path(args.checkpoint))
-        if not isinstance(state, dict) or "config" not in state or "method" not in state:
+        if not isinstance(state, dict) or not {"config", "method", "signature"} <= set(state):
             raise ClpoisonError(f"{args.checkpoint} is not a clpoison checkpoint (no config/method); "
                                 f"pass the checkpoint.pt of a `clpoison train` run")
         cfg = config_from_dict(json.loads(state["config"]))
@@ -175,7 +175,12 @@ def cmd_show(args) -> int:
 def cmd_story(args) -> int:
     from clpoison.story import run_story
 
-    seeds = [int(v) for v in args.seeds.split(",")]
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        raise ClpoisonError(f"--seeds takes comma-separated integers, e.g. 0,1; got {args.seeds!r}") from None
+    if not seeds:
+        raise ClpoisonError("--seeds needs at least one integer, e.g. --seeds 0")
     attacks = [a for a in args.attacks.split(",") if a]
     report = run_story(args.preset, args.out, algorithm=args.algorithm or "simclr", seeds=seeds,
                        attacks=attacks, overrides=_overrides(args), progress=not args.quiet,
@@ -237,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="linear probe + kNN of a checkpoint (or a random-init encoder)")
     _common(p)
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint.pt of a train run; omit for the random-init floor of --preset")
+                   help="checkpoint.pt of a train run (its recorded config is used; --preset and "
+                        "--algorithm are then ignored); omit for the random-init floor of --preset")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--probe", choices=["fast", "paper"], default=None)
     p.add_argument("--out", default=None, help="also write the metrics to this JSON file")

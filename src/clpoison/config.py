@@ -169,6 +169,12 @@ def _coerce(dotted: str, value: Any, hint: Any) -> Any:
         origin = typing.get_origin(kind) or kind
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if origin is float and isinstance(value, str) and value.count("/") == 1:
+            num, den = value.split("/")   # "8/255", the way budgets are written
+            try:
+                return float(num) / float(den)
+            except (ValueError, ZeroDivisionError):
+                pass
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin in (list, tuple) and isinstance(value, (list, tuple)):

@@ -1,6 +1,11 @@
 """Write a (poisoned) dataset where other tools can read it: PNG folders, .npz, and the official
 CIFAR python-archive layout (``cifar-10-batches-py``), so CIFAR loaders read it unchanged.
 
+torchvision's ``CIFAR10`` verifies the official md5 of each batch file, so it rejects an exported
+(poisoned) folder as "corrupted"; with torchvision, subclass it with ``_check_integrity``
+returning True (and never pass ``download=True``, which would fetch the clean files). Loaders
+that only parse the format (ours, most research code) read it unchanged.
+
 The CIFAR layout is, by definition, Python pickles: we *write* them (plain dicts of bytes, lists
 and a uint8 numpy array, protocol 2 like the originals) and our own reader only unpickles those
 types. PNG and .npz are the pickle-free formats to prefer for exchange.

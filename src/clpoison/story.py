@@ -21,6 +21,7 @@ import torch
 from clpoison.attacks import Poison, generate_cp, load_poison
 from clpoison.attacks.cp import POISON_FILE
 from clpoison.config import load_config
+from clpoison.errors import ClpoisonError
 from clpoison.train import pretrain
 from clpoison.train.common import load_data
 from clpoison.utils import atomic_path, versions, write_json_atomic
@@ -44,13 +45,24 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
               log=print) -> Path:
     t0 = time.time()
     out = Path(out)
+    attacks = list(attacks)
+    if "cp-s" in attacks and "cp-c" not in attacks:
+        attacks.insert(0, "cp-c")   # CP-S starts from CP-C, as in the paper
+    attacks.sort(key=["cp-c", "cp-s"].index)
     cfg = load_config(preset, algorithm, list(overrides))
     clean_train, test = load_data(cfg)
+    # Finished stages are reused on a rerun, so the settings must be the ones they were made with.
+    record = out / "story.json"
+    settings = {"preset": preset, "algorithm": algorithm, "overrides": list(overrides),
+                "config": cfg.to_dict()}
+    if record.exists():
+        before = json.loads(record.read_text())
+        if {k: before.get(k) for k in settings} != json.loads(json.dumps(settings, default=str)):
+            raise ClpoisonError(f"{out} holds a story run with other settings (preset, algorithm or "
+                                f"overrides); rerun with the same ones or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "story.json", {"preset": preset, "algorithm": algorithm,
-                                           "seeds": list(seeds), "attacks": list(attacks),
-                                           "controls": list(controls), "overrides": list(overrides),
-                                           "versions": versions()})
+    write_json_atomic(record, {**settings, "seeds": list(seeds), "attacks": attacks,
+                               "controls": list(controls), "versions": versions()})
 
     # --- poisons -------------------------------------------------------------------------------
     poisons: dict[str, Path] = {}
@@ -100,7 +112,7 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
         render_poison(load_poison(poisons[attacks[0]], dataset=clean_train), clean_train, picture)
     report = out / "report.md"
     text = _report(preset, algorithm, seeds, results, floors, len(clean_train), len(test),
-                   time.time() - t0, picture)
+                   time.time() - t0, picture, cfg.eval.probe)
     with atomic_path(report) as tmp:
         tmp.write_text(text)
     write_json_atomic(out / "results.json", {"results": results, "random_init": floors})
@@ -113,10 +125,11 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def _report(preset, algorithm, seeds, results, floors, n_train, n_test, seconds, picture) -> str:
+def _report(preset, algorithm, seeds, results, floors, n_train, n_test, seconds, picture,
+            probe) -> str:
     lines = [f"# clpoison story: {algorithm}, preset `{preset}`", "",
              f"Victims trained on {n_train} images (poisoned or clean), evaluated on {n_test} clean "
-             f"test images; seeds {list(seeds)}; mean ± std over seeds. Linear = fast linear probe, "
+             f"test images; seeds {list(seeds)}; mean ± std over seeds. Linear = {probe} linear probe, "
              f"final accuracy. Δ = poisoned minus clean, paired by seed.", "",
              "| training data | linear % | kNN % | Δ linear | Δ kNN |", "|---|---|---|---|---|"]
     clean_lin = [r["linear_final"] for r in results["clean"]]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from clpoison.train.common import memory_format as channels_format
 from clpoison.train.common import (EpochSampler, RunLogger, autocast, build_augment, build_method,
                                    build_optimizer, contrastive_loss, epoch_generator,
                                    load_checkpoint, load_data, lr_at, model_signature,
-                                   save_checkpoint, setup_runtime)
+                                   resume_key, save_checkpoint, setup_runtime, truncate_metrics)
 from clpoison.utils import seed_everything, versions, write_json_atomic
 
 
@@ -83,6 +84,12 @@ class CPConfig:
             raise ClpoisonError(f"attack.lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
         if not 0 < self.epsilon <= 1:
             raise ClpoisonError(f"attack.epsilon must be in (0, 1] pixel units (8/255 = 0.0314), got {self.epsilon}")
+        for name in ("rounds", "pgd_steps", "model_steps", "noise_steps"):
+            value = getattr(c, name)
+            if value is not None and value < (0 if name == "model_steps" else 1):
+                raise ClpoisonError(f"attack.{name} must be >= {0 if name == 'model_steps' else 1}, got {value}")
+        if not 0 < self.step_size <= 2:
+            raise ClpoisonError(f"attack.step_size is a fraction of epsilon in (0, 2], got {self.step_size}")
         return c
 
 
@@ -95,11 +102,19 @@ def cp_config(cfg: Config, attack: str = "cp-c") -> CPConfig:
     if attack not in ATTACKS:
         raise ClpoisonError(f"unknown CP attack {attack!r}; choose cp-c or cp-s")
     known = {f.name for f in fields(CPConfig)} - {"kind"}
+    stray = [k for k, v in cfg.attack.items() if isinstance(v, dict) and k not in ATTACKS]
+    if stray:
+        raise ClpoisonError(f"unknown attack section(s) {stray}; per-attack settings go under "
+                            f"{' or '.join(ATTACKS)} (e.g. attack.cp-c.rounds=100)")
     section = {k: v for k, v in cfg.attack.items() if not isinstance(v, dict)}
     section.update(cfg.attack.get(attack, {}) or {})
     unknown = set(section) - known
     if unknown:
         raise ClpoisonError(f"unknown attack settings {sorted(unknown)}; CP knows {sorted(known)}")
+    from clpoison.config import _coerce
+
+    hints = typing.get_type_hints(CPConfig)
+    section = {k: _coerce(f"attack.{k}", v, hints[k]) for k, v in section.items()}
     return CPConfig(kind=ATTACKS[attack], **section).resolved()
 
 
@@ -153,6 +168,9 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
                             f"it or choose another --out")
     device = setup_runtime(cfg)
     t = cfg.train
+    if t.amp == "fp16" and device.type == "cuda":
+        raise ClpoisonError("train.amp=fp16 is not supported for poison generation (input gradients "
+                            "underflow in fp16 and the signed step stalls); use train.amp=bf16")
     if train_set is None:
         train_set, _ = load_data(cfg)
     from clpoison.data import normalization_stats
@@ -201,13 +219,14 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
     start_round, model_step = 0, 0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        if state.get("signature") != model_signature(cfg) or state.get("attack") != asdict(a):
+        if state.get("resume_key") != resume_key(cfg) or state.get("attack") != asdict(a):
             raise ClpoisonError(f"{ckpt_path} was written with other settings; resume with the same "
                                 f"preset and overrides, or choose another --out")
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         delta.copy_(state["delta"].to(device))
         start_round, model_step = int(state["round"]), int(state["model_step"])
+        truncate_metrics(out_dir, "round", start_round)
         log.info(f"resumed generation from {ckpt_path} at round {start_round}")
     log.info(f"{attack_name} with {cfg.ssl.algorithm}: {a.rounds} rounds x ({model_steps} model + "
              f"{noise_steps}x{a.pgd_steps} poison steps) on {len(train_set)} images, eps "
@@ -291,6 +310,7 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         save_checkpoint(ckpt_path, {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                                     "delta": delta.cpu(), "round": round_done,
                                     "model_step": model_step, "signature": model_signature(cfg),
+                                    "resume_key": resume_key(cfg),
                                     "attack": asdict(a)})
 
     # --- warm start: plain clean training of the generator (feasibility study's lever) ----------
@@ -328,12 +348,13 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
 
     poison.perturbation = delta.cpu()
     poison.meta["rounds_done"] = a.rounds
+    final_gap = loss_gap()  # on every rank: the loss may gather across ranks
     if log.rank == 0:
         poison.save(out_dir / POISON_FILE)
         write_json_atomic(out_dir / "summary.json", {
             "attack": attack_name, "algorithm": cfg.ssl.algorithm, "train_size": len(train_set),
             "train_fingerprint": train_set.fingerprint(), "cp": asdict(a),
-            "final_gap": loss_gap(), "wall_seconds": round(time.time() - t_start, 1),
+            "final_gap": final_gap, "wall_seconds": round(time.time() - t_start, 1),
             "config": cfg.to_dict(), "versions": versions()})
     checkpoint(a.rounds)
     return poison

@@ -213,6 +213,27 @@ def load_checkpoint(path: Path) -> dict:
                             f"delete it and rerun without --resume") from None
 
 
+def resume_key(cfg: Config) -> str:
+    """The settings that must not change across --resume (device, paths and evaluation may)."""
+    d = json.loads(json.dumps(cfg.to_dict(), default=str))
+    for section, keys in (("train", ("device", "threads")), ("data", ("root", "cache_dir", "download"))):
+        for k in keys:
+            d[section].pop(k, None)
+    d.pop("eval", None)
+    return json.dumps(d, sort_keys=True)
+
+
+def truncate_metrics(out_dir: Path, key: str, last: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+    path = out_dir / "metrics.jsonl"
+    if rank_and_world()[0] != 0 or not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get(key, 0) <= last]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+
+
 def model_signature(cfg: Config) -> dict:
     """What must match for weights to load: a checkpoint from another model is refused."""
     return {"algorithm": cfg.ssl.algorithm, "arch": cfg.model.arch, "width": cfg.model.width,

@@ -28,7 +28,8 @@ from clpoison.train.common import (EpochSampler, RunLogger, autocast, build_augm
                                    build_method, build_optimizer, check_signature,
                                    contrastive_loss,
                                    epoch_generator, load_checkpoint, load_data, lr_at,
-                                   model_signature, save_checkpoint, setup_runtime)
+                                   model_signature, resume_key, save_checkpoint,
+                                   setup_runtime, truncate_metrics)
 from clpoison.utils import seed_everything, versions, write_json_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -88,17 +89,19 @@ def pretrain(cfg: Config, out_dir: str | Path, *, train_set=None, probe_set=None
     warmup_steps = round(t.warmup_epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if (t.amp == "fp16" and device.type == "cuda") else None
 
-    start_epoch, floor = 0, None
+    start_epoch, floor, loss_value = 0, None, float("nan")
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         check_signature(state["signature"], cfg, ckpt_path)
-        if json.loads(state["config"]) != json.loads(json.dumps(cfg.to_dict(), default=str)):
+        if state.get("resume_key") != resume_key(cfg):
             raise ClpoisonError(f"{ckpt_path} was written with a different configuration; resume "
                                 f"with the same preset and overrides, or start a new --out")
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
+        truncate_metrics(out_dir, "epoch", start_epoch)
         floor = json.loads(state["random_init"]) if state.get("random_init") else None
+        loss_value = float(state.get("final_loss", float("nan")))
         log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
     elif resume:
         log.info(f"--resume: no checkpoint in {out_dir}, starting from scratch")
@@ -113,14 +116,14 @@ def pretrain(cfg: Config, out_dir: str | Path, *, train_set=None, probe_set=None
         save_checkpoint(ckpt_path, {
             "method": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
             "signature": model_signature(cfg),
-            "config": json.dumps(cfg.to_dict(), default=str),
+            "config": json.dumps(cfg.to_dict(), default=str), "resume_key": resume_key(cfg),
+            "final_loss": loss_value,
             "random_init": json.dumps(floor) if floor else "",
         })
 
     # --- training ---------------------------------------------------------------------------
     t_train = time.time()
     step = start_epoch * steps_per_epoch
-    loss_value = float("nan")
     for epoch in range(start_epoch, t.epochs):
         method.train()
         gen = epoch_generator(device, t.seed, epoch)
