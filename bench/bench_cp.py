@@ -3,6 +3,7 @@
 Cases (each timed in its own subprocess so that peak memory is its own):
   plain       ResNet-18 (+ head) forward+backward+SGD on 2 x B pre-augmented views
   model       a CP model step: poison gather + 2 augmentations + forward+backward+SGD
+  model-kornia  the same model step with kornia's default augmentation pipeline instead of ours
   noise-c     a CP-C poison step (10-row poison): augment, forward, backward to the poison rows
               only, through the BN-folded frozen generator exactly as generate_cp runs it
   noise-s     a CP-S poison step with a 50,000-row poison (sparse rows, no dense gradient)
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 
-CASES = ("plain", "model", "noise-c", "noise-s")
+CASES = ("plain", "model", "model-kornia", "noise-c", "noise-s")
 
 
 def run_case(case: str, width: int, batch: int, repeats: int, device: str, algorithm: str) -> dict:
@@ -37,6 +38,14 @@ def run_case(case: str, width: int, batch: int, repeats: int, device: str, algor
     dev = torch.device(device)
     method = build_method(cfg).to(dev).to(memory_format=torch.channels_last)
     augment = build_augment(cfg, (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)).to(dev)
+    if case == "model-kornia":
+        import kornia.augmentation as K
+
+        pipeline = torch.nn.Sequential(
+            K.RandomResizedCrop((32, 32), scale=(0.2, 1.0)), K.RandomHorizontalFlip(),
+            K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8), K.RandomGrayscale(p=0.2),
+            K.Normalize(torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.2, 0.2, 0.2]))).to(dev)
+        augment = lambda x, generator=None: pipeline(x)  # noqa: E731 (kornia uses the global RNG)
     opt = build_optimizer(method.online_parameters(), cfg)
     n_rows = {"noise-c": 10, "noise-s": 50_000}.get(case, 10)
     delta = torch.zeros(n_rows, 3, 32, 32, device=dev)
@@ -54,7 +63,7 @@ def run_case(case: str, width: int, batch: int, repeats: int, device: str, algor
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        elif case == "model":
+        elif case in ("model", "model-kornia"):
             xp = (x + delta[prow]).clamp(0, 1)
             loss = contrastive_loss(method, augment, xp, gen)
             opt.zero_grad(set_to_none=True)

@@ -85,3 +85,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "CLPOISON_DATA" in err and "wget" in err
     assert not (tmp_path / "x").exists()  # no partial output on bad input
+
+
+def test_paper_probe_reports_final_and_best(small_cifar):
+    """The original probe protocol (augmented SGD epochs) on a random encoder, 3 epochs."""
+    from clpoison.data import normalization_stats
+    from clpoison.eval import evaluate_encoder
+    from clpoison.models import build_encoder
+
+    train, test = small_cifar
+    cfg = load_config("mini", "simclr", tiny_overrides(**{"eval.probe": "paper", "eval.probe_epochs": 3,
+                                                          "eval.probe_batch_size": 64}))
+    torch.manual_seed(0)
+    mean, std = normalization_stats("cifar10")
+    out = evaluate_encoder(build_encoder("resnet18", 4), train, test, cfg.eval, mean, std)
+    assert out["probe"] == "paper" and 0 <= out["linear_final"] <= out["linear_best_over_epochs"] <= 100
+    assert out["linear_best_over_epochs"] > 10  # above chance on 10 classes
