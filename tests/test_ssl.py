@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from clpoison.errors import ClpoisonError
 from clpoison.models import build_encoder

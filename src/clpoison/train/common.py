@@ -8,6 +8,7 @@ Nothing here keeps module-level state, and the sampler and logger are rank-aware
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -115,11 +116,9 @@ def build_method(cfg: Config):
 def build_augment(cfg: Config, mean, std):
     from clpoison.augment import AugmentConfig, ContrastiveAugment
 
-    a = cfg.augment
-    return ContrastiveAugment(AugmentConfig(
-        size=a.size, scale=tuple(a.scale), ratio=tuple(a.ratio), flip_p=a.flip_p,
-        brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
-        jitter_p=a.jitter_p, gray_p=a.gray_p), mean=mean, std=std)
+    # The config section mirrors AugmentConfig field for field (mutable, lists for YAML);
+    # AugmentConfig validates and turns the lists into tuples.
+    return ContrastiveAugment(AugmentConfig(**dataclasses.asdict(cfg.augment)), mean=mean, std=std)
 
 
 def build_optimizer(params, cfg: Config) -> torch.optim.SGD:
