@@ -220,3 +220,21 @@ def test_cli_attack_refuses_bad_poison(tmp_path, capsys):
     assert "corrupt" in capsys.readouterr().err
     assert main(["attack", "cp-c", "--out", str(tmp_path / "p.pt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
+
+
+def test_cps_continues_the_cpc_generator(tmp_path, small_cifar):
+    _gen(tmp_path, small_cifar, "cpc")
+    init = tmp_path / "cpc" / "poison.safetensors"
+    ckpt = tmp_path / "cpc" / "generation.pt"
+    train, _ = small_cifar
+    cfg = load_config("mini", "simclr", tiny_overrides(**{
+        "attack.cp-s.rounds": 1, "attack.cp-s.model_steps": 1, "attack.warm_start_epochs": 1}))
+    generate_cp(cfg, tmp_path / "cps", attack="cp-s", train_set=train, init=init,
+                init_generator=ckpt, progress=False)
+    lines = (tmp_path / "cps" / "metrics.jsonl").read_text()
+    assert "warm_start_steps" not in lines                   # the generator came warm
+    assert json.loads((tmp_path / "cps" / "summary.json").read_text())["init_generator"] == str(ckpt)
+    other = load_config("mini", "simclr", tiny_overrides(**{"model.width": 2}))
+    with pytest.raises(ClpoisonError, match="another model"):
+        generate_cp(other, tmp_path / "cps2", attack="cp-s", train_set=train, init=init,
+                    init_generator=ckpt, progress=False)

@@ -740,3 +740,50 @@ class ContrastiveAugment(nn.Module):
         mats = ((1.0 - gw) * eye + gw * wts.view(1, 1, 3)) * inv_std.view(1, 3, 1)    # (N, 3, 3)
         out = _ColourAffine.apply(x.reshape(n, 3, hh * ww), mats, bias.view(1, 3, 1))
         return out.view(n, 3, hh, ww)
+
+
+# ----------------------------------------------------------------------------------------------
+# The supervised recipe: random crop with zero padding + horizontal flip, then Normalize.
+# ----------------------------------------------------------------------------------------------
+
+class CropFlipAugment(nn.Module):
+    """torchvision's ``RandomCrop(size, padding=4)`` + ``RandomHorizontalFlip()`` + ``Normalize``,
+    batched with per-sample randomness and differentiable in the pixels (supervised victims and
+    the surrogates of supervised poisons).
+
+    The crop is a gather from the zero-padded batch with per-sample offsets (one indexing op, its
+    backward a scatter-add), the flip reverses the column index of the flipped samples.
+
+    Example::
+
+        aug = CropFlipAugment(padding=4)
+        views = aug(x, generator=g)          # x float (N, 3, H, W) in [0, 1] -> (N, 3, H, W)
+    """
+
+    def __init__(self, padding: int = 4, flip_p: float = 0.5, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        super().__init__()
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise ClpoisonError(f"padding must be an integer >= 0 (pixels), got {padding!r}")
+        if not _is_number(flip_p) or not 0.0 <= flip_p <= 1.0:
+            raise ClpoisonError(f"flip_p is a probability in [0, 1], got {flip_p!r}")
+        self.padding, self.flip_p = padding, float(flip_p)
+        self.normalize = Normalize(mean, std)
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding}, flip_p={self.flip_p}"
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        _check_images(x)
+        n, c, h, w = x.shape
+        pad, dev = self.padding, x.device
+        gdev = generator.device if generator is not None else dev
+        oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(dev)
+        ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(dev)
+        flip = (torch.rand(n, generator=generator, device=gdev) < self.flip_p).to(dev)
+        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
+        rows = oy[:, None] + torch.arange(h, device=dev)                      # (N, H)
+        cols = torch.arange(w, device=dev).expand(n, w)
+        cols = torch.where(flip[:, None], cols.flip(1), cols) + ox[:, None]   # (N, W)
+        batch = torch.arange(n, device=dev)[:, None, None]
+        out = xp.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]   # (N, H, W, C)
+        return self.normalize(out.permute(0, 3, 1, 2))

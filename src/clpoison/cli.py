@@ -16,7 +16,7 @@ from clpoison.errors import ClpoisonError
 def _common(p: argparse.ArgumentParser, with_preset: bool = True) -> None:
     if with_preset:
         p.add_argument("--preset", default="mini", help="preset name (mini, cpu, paper) or YAML file")
-        p.add_argument("--algorithm", default=None, help="simclr | mocov2 | byol")
+        p.add_argument("--algorithm", default=None, help="simclr | mocov2 | byol | supervised")
     p.add_argument("--data-root", default=None,
                    help="dataset folder (default: $CLPOISON_DATA, else ./data)")
     p.add_argument("--download", action="store_true",
@@ -33,6 +33,8 @@ def _overrides(args) -> list[str]:
         out.append(f"data.root={args.data_root}")
     if args.device is not None:
         out.append(f"train.device={args.device}")
+    if getattr(args, "defense", None):
+        out.append(f"defense.names={args.defense}")
     if getattr(args, "download", False):
         out.append("data.download=true")
     if args.seed is not None:
@@ -46,7 +48,7 @@ def _overrides(args) -> list[str]:
 
 def cmd_train(args) -> int:
     from clpoison.config import load_config
-    from clpoison.train import pretrain
+    from clpoison.train import train_victim
 
     cfg = load_config(args.preset, args.algorithm, _overrides(args))
     kwargs = {}
@@ -59,7 +61,7 @@ def cmd_train(args) -> int:
         kwargs = dict(train_set=poison.poison_dataset(clean_train), probe_set=clean_train,
                       test_set=test, extra_summary={"poison": str(args.poison),
                                                     "poison_attack": poison.meta.get("attack")})
-    summary = pretrain(cfg, args.out, resume=args.resume, progress=not args.quiet, **kwargs)
+    summary = train_victim(cfg, args.out, resume=args.resume, progress=not args.quiet, **kwargs)
     print(json.dumps({"out": str(args.out), "final": summary.get("final"),
                       "random_init": summary.get("random_init"),
                       "wall_seconds": summary["wall_seconds"]}, indent=2))
@@ -115,8 +117,7 @@ def cmd_eval(args) -> int:
 def cmd_attack(args) -> int:
     import shutil
 
-    from clpoison.attacks import generate_cp
-    from clpoison.attacks.cp import POISON_FILE
+    from clpoison.attacks import attacker_algorithm, generate_poison
     from clpoison.config import load_config
     from clpoison.utils import atomic_path
 
@@ -125,13 +126,31 @@ def cmd_attack(args) -> int:
         raise ClpoisonError(f"--out must name a .safetensors file, got {out}")
     if out.exists() and not args.resume:
         raise ClpoisonError(f"{out} exists; choose another --out or pass --resume")
-    cfg = load_config(args.preset, args.algorithm, _overrides(args))
+    algorithm = attacker_algorithm(args.attack, args.algorithm)
+    cfg = load_config(args.preset, algorithm, _overrides(args))
     run_dir = out.with_suffix(".run")
-    generate_cp(cfg, run_dir, attack=args.attack, init=args.init, resume=args.resume,
-                progress=not args.quiet)
+    written = generate_poison(args.attack, cfg, run_dir, init=args.init,
+                              init_generator=args.init_generator, resume=args.resume,
+                              progress=not args.quiet)
     with atomic_path(out) as tmp:
-        shutil.copyfile(run_dir / POISON_FILE, tmp)
+        shutil.copyfile(written, tmp)
     print(json.dumps({"poison": str(out), "run": str(run_dir)}, indent=2))
+    return 0
+
+
+def cmd_matrix(args) -> int:
+    from clpoison.matrix import run_matrix
+
+    if args.algorithm is not None:
+        raise ClpoisonError("matrix takes --victims (and cp-s@ALGORITHM rows), not --algorithm")
+    seeds = _seeds(args.seeds)
+    table = run_matrix(args.preset, args.out, attacks=args.attacks.split(","),
+                       victims=[v for v in args.victims.split(",") if v], seeds=seeds,
+                       defenses=args.defenses.split(","),
+                       overrides=_overrides(args), progress=not args.quiet,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(table.read_text())
+    print(f"table: {table} (and matrix.csv beside it)")
     return 0
 
 
@@ -172,15 +191,20 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ClpoisonError(f"--seeds takes comma-separated integers, e.g. 0,1; got {text!r}") from None
+    if not seeds:
+        raise ClpoisonError("--seeds needs at least one integer, e.g. --seeds 0")
+    return seeds
+
+
 def cmd_story(args) -> int:
     from clpoison.story import run_story
 
-    try:
-        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
-    except ValueError:
-        raise ClpoisonError(f"--seeds takes comma-separated integers, e.g. 0,1; got {args.seeds!r}") from None
-    if not seeds:
-        raise ClpoisonError("--seeds needs at least one integer, e.g. --seeds 0")
+    seeds = _seeds(args.seeds)
     attacks = [a for a in args.attacks.split(",") if a]
     report = run_story(args.preset, args.out, algorithm=args.algorithm or "simclr", seeds=seeds,
                        attacks=attacks, overrides=_overrides(args), progress=not args.quiet,
@@ -191,10 +215,13 @@ def cmd_story(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clpoison.attacks.settings import ATTACK_NAMES
+
     parser = argparse.ArgumentParser(prog="clpoison", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="pre-train a contrastive victim and evaluate it")
+    p = sub.add_parser("train", help="train a victim (contrastive or --algorithm supervised) and "
+                       "evaluate it on clean test data")
     _common(p)
     p.add_argument("--out", required=True, type=Path, help="run folder")
     p.add_argument("--epochs", type=int, default=None)
@@ -202,19 +229,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--poison", default=None, help="train the victim on data poisoned by this file")
+    p.add_argument("--defense", default=None, metavar="NAME[,NAME]",
+                   help="defenses for this victim: matrix-completion, matrix-completion-online, "
+                        "jpeg, grayscale, bit-depth, cutout, noise, blur, strong-crop, adversarial "
+                        "(parameters: --set defense.KEY=VALUE)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("attack", help="generate a poison (Contrastive Poisoning: cp-c, cp-s)")
-    p.add_argument("attack", choices=["cp-c", "cp-s"])
+    p = sub.add_parser("attack", help="generate a poison: cp-c, cp-s (Contrastive Poisoning), ue-c, "
+                       "ue-s (unlearnable examples), ap (adversarial poisoning), random, random-c")
+    p.add_argument("attack", choices=list(ATTACK_NAMES))
     _common(p)
     p.add_argument("--out", required=True, help="poison file to write (.safetensors); the run "
                    "folder (logs, checkpoint) is the same path with .run")
     p.add_argument("--init", default=None, help="start from this poison (CP-S from a CP-C file)")
+    p.add_argument("--init-generator", default=None,
+                   help="start the generator from this generation.pt (e.g. CP-S continuing the "
+                        "CP-C run in CPC.run/generation.pt; skips the warm start)")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue an interrupted generation")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("matrix", help="attack x victim table: every poison against every victim")
+    _common(p)
+    p.add_argument("--out", required=True, type=Path, help="folder for everything (rerun to resume)")
+    p.add_argument("--attacks", default="clean,random,cp-c",
+                   help="comma list of rows: clean, random, random-c, ue-c, ue-s, ap, cp-c, cp-s, "
+                        "cp-s@byol (CP made with another algorithm), NAME=PATH (a poison file)")
+    p.add_argument("--victims", default="supervised,simclr,mocov2,byol",
+                   help="comma list of supervised, simclr, mocov2, byol")
+    p.add_argument("--defenses", default="none",
+                   help="defense axis: comma list of none or defenses joined by + (e.g. "
+                        "none,jpeg,matrix-completion,cutout,adversarial)")
+    p.add_argument("--seeds", default="0", help="victim seeds, comma-separated")
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("story", help="the whole story: clean victim, CP poisons, poisoned victims, report")
     _common(p)

@@ -100,6 +100,37 @@ class EvalConfig:
 
 
 @dataclass
+class DefenseConfig:
+    """Defenses applied to a victim's training set / pipeline (``clpoison.defenses``), in order.
+
+    Parameters the papers leave open are options here; the defaults are the ones we measured
+    (README, "Defenses")."""
+
+    names: list[str] = field(default_factory=list)   # e.g. [jpeg], [matrix-completion, cutout]
+    # matrix completion (ME-Net, as the Contrastive Poisoning paper's countermeasure)
+    mc_p: list[float] = field(default_factory=lambda: [0.4, 0.6])  # keep-probability range
+    mc_copies: int = 1                  # masked copies of the training set (p spread over mc_p)
+    mc_method: str = "usvt"             # usvt (one truncated SVD) | softimpute (iterative)
+    mc_channels: str = "concat"         # concat: one H x 3W matrix | separate: three H x W
+    mc_rank: int | None = None          # keep this many singular values instead of the threshold
+    mc_eta: float = 0.5                 # USVT threshold (2 + eta) sqrt(max(m, n) p)
+    mc_lambda: float = 2.0              # soft-impute shrinkage (in [-1, 1] pixel units)
+    mc_iters: int = 20                  # soft-impute iterations
+    # image-shortcut squeezing (Liu et al., ICML 2023)
+    jpeg_quality: int = 10
+    bit_depth: int = 2
+    # augmentation defenses (online, per batch, before the victim's own augmentation)
+    cutout_size: int = 16
+    noise_std: float = 0.05
+    blur_sigma: float = 1.0
+    strong_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    # adversarial training: views that maximise the victim's own loss in an L-inf ball
+    adv_epsilon: float = 8 / 255
+    adv_steps: int = 3
+    adv_step_size: float = 0.5          # fraction of adv_epsilon per signed step
+
+
+@dataclass
 class Config:
     preset: str = "custom"
     data: DataConfig = field(default_factory=DataConfig)
@@ -108,6 +139,7 @@ class Config:
     augment: AugmentSection = field(default_factory=AugmentSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
     # Free-form sections owned by later layers (attacks); kept verbatim.
     attack: dict[str, Any] = field(default_factory=dict)
 
@@ -179,6 +211,8 @@ def _coerce(dotted: str, value: Any, hint: Any) -> Any:
             return value
         if origin in (list, tuple) and isinstance(value, (list, tuple)):
             return list(value)
+        if origin in (list, tuple) and isinstance(value, str):   # --set defense.names=jpeg,cutout
+            return [v.strip() for v in value.split(",") if v.strip()]
         if origin in (str, bool) and isinstance(value, origin):
             return value
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
@@ -216,8 +250,9 @@ def load_config(preset: str = "mini", algorithm: str | None = None,
     alg = algorithm or user_alg or cfg.ssl.algorithm
     from clpoison.ssl import METHODS  # late import: config must not drag torch models in early
 
-    if alg not in METHODS:
-        raise ClpoisonError(f"unknown algorithm {alg!r}; choose one of {', '.join(METHODS)}")
+    known = (*METHODS, "supervised")
+    if alg not in known:
+        raise ClpoisonError(f"unknown algorithm {alg!r}; choose one of {', '.join(known)}")
     cfg.ssl.algorithm = alg
     _apply_mapping(cfg, per_algorithm.get(alg, {}) or {})
     for key, value in items:

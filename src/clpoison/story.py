@@ -16,9 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
-from clpoison.attacks import Poison, generate_cp, load_poison
+from clpoison.attacks import Poison, cp_config, generate_cp, load_poison, random_noise
 from clpoison.attacks.cp import POISON_FILE
 from clpoison.config import load_config
 from clpoison.errors import ClpoisonError
@@ -36,8 +34,7 @@ def _done(folder: Path) -> dict | None:
 
 def random_noise_poison(train_set, epsilon: float, seed: int) -> Poison:
     """The control every table needs: uniform noise in [-eps, eps], one pattern per image."""
-    return Poison.for_dataset("sample", epsilon, train_set, init="uniform",
-                              generator=torch.Generator().manual_seed(seed), attack="random")
+    return random_noise(train_set, epsilon, "sample", seed=seed)
 
 
 def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=(0,),
@@ -71,9 +68,12 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
         target = run_dir / POISON_FILE
         if not target.exists():
             init = poisons.get("cp-c") if attack == "cp-s" else None
+            init_generator = None
+            if init is not None and cp_config(cfg, "cp-s").continue_generator:
+                init_generator = init.parent / "generation.pt"
             log(f"== generating {attack} ({algorithm}) in {run_dir}")
             generate_cp(cfg, run_dir, attack=attack, train_set=clean_train, init=init,
-                        resume=run_dir.exists(), progress=progress)
+                        init_generator=init_generator, resume=run_dir.exists(), progress=progress)
         poisons[attack] = target
     eps = float(cfg.attack.get("epsilon", 8 / 255))
     for control in controls:

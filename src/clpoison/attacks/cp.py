@@ -28,14 +28,14 @@ from __future__ import annotations
 import copy
 import json
 import time
-import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from clpoison.attacks.poison import Poison, load_poison
+from clpoison.attacks.pgd import signed_step
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
 from clpoison.models.fuse import fuse_conv_bn
@@ -61,9 +61,14 @@ class CPConfig:
     bn_mode: str = "eval"               # BN during poison steps: eval (original) | train
     dual_branch: bool = False           # poison gradient through the momentum/target branch too
     noise_updates_momentum: bool = False  # original behaviour: EMA/queue move in poison steps
-    lr_schedule: str = "cosine"         # generator encoder lr: cosine (original) | constant
+    lr_schedule: str = "cosine"         # generator encoder lr: cosine (original) | constant |
+                                        # victim (train.warmup_epochs warm-up, then cosine, per episode)
+    restart_every: int = 0              # rounds per episode: the generator restarts from a fresh
+                                        # random init (a simulated victim); 0 = never
+    model_lr: float | None = None       # generator encoder lr; None: train.lr (the victim's)
     warm_start_epochs: float = 0.0      # clean contrastive epochs before the first round
     init: str = "uniform"               # uniform | zeros (ignored with an init poison file)
+    continue_generator: bool = False    # story/matrix: CP-S continues the CP-C generator run
     log_every: int = 10                 # rounds between loss-gap diagnostics
     checkpoint_every: int = 50          # rounds between generation checkpoints
     seed: int | None = None             # None: train.seed + 1000 (generator != victim seed)
@@ -80,14 +85,19 @@ class CPConfig:
             c.noise_steps = c.noise_steps if c.noise_steps is not None else 20
         if self.bn_mode not in ("eval", "train"):
             raise ClpoisonError(f"attack.bn_mode must be eval or train, got {self.bn_mode!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ClpoisonError(f"attack.lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
+        if self.lr_schedule not in ("cosine", "constant", "victim"):
+            raise ClpoisonError(f"attack.lr_schedule must be cosine, constant or victim, got "
+                                f"{self.lr_schedule!r}")
+        if self.restart_every < 0:
+            raise ClpoisonError(f"attack.restart_every must be >= 0 rounds, got {self.restart_every}")
         if not 0 < self.epsilon <= 1:
             raise ClpoisonError(f"attack.epsilon must be in (0, 1] pixel units (8/255 = 0.0314), got {self.epsilon}")
         for name in ("rounds", "pgd_steps", "model_steps", "noise_steps"):
             value = getattr(c, name)
             if value is not None and value < (0 if name == "model_steps" else 1):
                 raise ClpoisonError(f"attack.{name} must be >= {0 if name == 'model_steps' else 1}, got {value}")
+        if self.model_lr is not None and not self.model_lr > 0:
+            raise ClpoisonError(f"attack.model_lr must be > 0 (or empty for train.lr), got {self.model_lr}")
         if not 0 < self.step_size <= 2:
             raise ClpoisonError(f"attack.step_size is a fraction of epsilon in (0, 2], got {self.step_size}")
         return c
@@ -99,23 +109,11 @@ ATTACKS = {"cp-c": "class", "cp-s": "sample"}
 def cp_config(cfg: Config, attack: str = "cp-c") -> CPConfig:
     """CP settings for ``attack`` (cp-c | cp-s): the preset's ``attack`` section holds common keys
     at top level and per-attack keys under ``cp-c:`` / ``cp-s:``."""
+    from clpoison.attacks.settings import attack_settings
+
     if attack not in ATTACKS:
         raise ClpoisonError(f"unknown CP attack {attack!r}; choose cp-c or cp-s")
-    known = {f.name for f in fields(CPConfig)} - {"kind"}
-    stray = [k for k, v in cfg.attack.items() if isinstance(v, dict) and k not in ATTACKS]
-    if stray:
-        raise ClpoisonError(f"unknown attack section(s) {stray}; per-attack settings go under "
-                            f"{' or '.join(ATTACKS)} (e.g. attack.cp-c.rounds=100)")
-    section = {k: v for k, v in cfg.attack.items() if not isinstance(v, dict)}
-    section.update(cfg.attack.get(attack, {}) or {})
-    unknown = set(section) - known
-    if unknown:
-        raise ClpoisonError(f"unknown attack settings {sorted(unknown)}; CP knows {sorted(known)}")
-    from clpoison.config import _coerce
-
-    hints = typing.get_type_hints(CPConfig)
-    section = {k: _coerce(f"attack.{k}", v, hints[k]) for k, v in section.items()}
-    return CPConfig(kind=ATTACKS[attack], **section).resolved()
+    return attack_settings(cfg, attack, CPConfig, kind=ATTACKS[attack])
 
 
 def poison_step(method, augment, delta: torch.Tensor, x: torch.Tensor, prow: torch.Tensor,
@@ -127,13 +125,8 @@ def poison_step(method, augment, delta: torch.Tensor, x: torch.Tensor, prow: tor
     Only the (U,C,H,W) rows in the batch form the autograd leaf, so the gradient never has the
     size of the whole poison. Weight gradients are not requested. Returns the loss before the step.
     """
-    uniq, inverse = prow.unique(return_inverse=True)                 # U rows touched
-    leaf = delta[uniq].clone().requires_grad_(True)                  # (U, C, H, W)
-    loss = contrastive_loss(method, augment, (x + leaf[inverse]).clamp(0, 1), generator,
-                            memory_format, amp)
-    (grad,) = torch.autograd.grad(loss, leaf)
-    delta[uniq] = (leaf.detach() - step * grad.sign()).clamp_(-epsilon, epsilon)
-    return loss.detach()
+    return signed_step(lambda xp: contrastive_loss(method, augment, xp, generator, memory_format, amp),
+                       delta, x, prow, step, epsilon, descend=True)
 
 
 def _copy_momentum_state(src, dst) -> None:
@@ -153,11 +146,15 @@ CHECKPOINT = "generation.pt"
 
 
 def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train_set=None,
-                init: str | Path | None = None, resume: bool = False,
+                init: str | Path | None = None, init_generator: str | Path | None = None,
+                resume: bool = False,
                 progress: bool = True, stop_after: int | None = None) -> Poison | None:
     """Run CP generation in ``out_dir``: writes ``poison.safetensors``, ``metrics.jsonl``,
     ``summary.json`` and a resumable ``generation.pt`` checkpoint. ``stop_after=R`` checkpoints
-    and returns None after round R (time-boxing; continue later with ``resume=True``)."""
+    and returns None after round R (time-boxing; continue later with ``resume=True``).
+
+    ``init_generator``: the ``generation.pt`` of an earlier generation (CP-S continuing the CP-C
+    run: the generator is already warm and adapted to the poison, so no warm start is run)."""
     t_start = time.time()
     a = cp_config(cfg, attack)
     out_dir = Path(out_dir)
@@ -217,6 +214,17 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
     out_dir.mkdir(parents=True, exist_ok=True)
     log = RunLogger(out_dir, quiet=not progress)
     start_round, model_step = 0, 0
+    if init_generator is not None:
+        warm_steps = 0      # the generator comes warm (and its schedule starts at step 0)
+    if init_generator is not None and not (resume and ckpt_path.exists()):
+        state = load_checkpoint(Path(init_generator))
+        if state.get("signature") != model_signature(cfg):
+            raise ClpoisonError(f"--init-generator {init_generator} holds another model "
+                                f"({state.get('signature')}); use a generation.pt made with the same "
+                                f"algorithm, architecture and width")
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        log.info(f"generator initialised from {init_generator} (no warm start)")
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         if state.get("resume_key") != resume_key(cfg) or state.get("attack") != asdict(a):
@@ -321,14 +329,32 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         log.metrics({"warm_start_steps": warm_steps, "loss": round(loss, 5)})
         model_step = warm_steps  # the generation schedule starts after the warm start
 
+    base_lr = a.model_lr if a.model_lr is not None else t.lr
+
+    episode_steps = a.restart_every * model_steps if a.restart_every else total_model_steps
+
     def gen_lr(s: int) -> float:
         if a.lr_schedule == "constant":
-            return t.lr
-        return lr_at(s - warm_steps, total_model_steps, 0, t.lr, t.min_lr_ratio)
+            return base_lr
+        pos = s - warm_steps
+        if a.lr_schedule == "victim":   # the victim's own schedule, restarted every episode
+            return lr_at(pos % max(1, episode_steps), episode_steps,
+                         round(t.warmup_epochs * per_epoch), base_lr, t.min_lr_ratio)
+        return lr_at(pos, total_model_steps, 0, base_lr, t.min_lr_ratio)
+
+    def restart(round_index: int) -> None:
+        """A fresh generator, as a new victim would start: random init, empty optimiser state."""
+        torch.manual_seed(seed * 7 + round_index)
+        fresh = build_method(cfg).to(device).to(memory_format=memory_format)
+        method.load_state_dict(fresh.state_dict())
+        optimizer.state.clear()
+        log.info(f"round {round_index + 1}: generator restarted from a random init")
 
     t_loop = time.time()
     bar = tqdm(range(start_round, a.rounds), desc=attack_name, disable=not progress, dynamic_ncols=True)
     for r in bar:
+        if a.restart_every and r > 0 and r % a.restart_every == 0:
+            restart(r)
         m_loss = model_phase(model_steps, gen_lr)
         n_loss = noise_phase(r)
         record = {"round": r + 1, "model_loss": round(m_loss, 5), "poison_loss": round(n_loss, 5),
@@ -354,6 +380,8 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         write_json_atomic(out_dir / "summary.json", {
             "attack": attack_name, "algorithm": cfg.ssl.algorithm, "train_size": len(train_set),
             "train_fingerprint": train_set.fingerprint(), "cp": asdict(a),
+            "init_poison": str(init) if init else None,
+            "init_generator": str(init_generator) if init_generator else None,
             "final_gap": final_gap, "wall_seconds": round(time.time() - t_start, 1),
             "config": cfg.to_dict(), "versions": versions()})
     checkpoint(a.rounds)

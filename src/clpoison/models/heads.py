@@ -22,3 +22,21 @@ class MLPHead(nn.Sequential):
         layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
         super().__init__(*layers)
         self.out_dim = out_dim
+
+
+class Classifier(nn.Module):
+    """An encoder followed by one linear layer: the supervised victim / surrogate.
+
+    Example::
+
+        model = Classifier(resnet18(width=16), num_classes=10)
+        logits = model(torch.rand(8, 3, 32, 32))        # (8, 10)
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.fc = nn.Linear(encoder.feature_dim, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.encoder(x))

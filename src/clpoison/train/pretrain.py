@@ -65,7 +65,11 @@ def pretrain(cfg: Config, out_dir: str | Path, *, train_set=None, probe_set=None
         test_set = test_set if test_set is not None else clean_test
     from clpoison.data import normalization_stats
 
+    from clpoison.defenses import adversarial_inputs, adversarial_settings, defend_dataset, defended_augment
+
     mean, std = normalization_stats(cfg.data.dataset)
+    train_set = defend_dataset(cfg.defense, train_set, seed=t.seed)   # offline defenses, if any
+    adversarial = adversarial_settings(cfg.defense)
     images = train_set.images.to(device)
     # Only now, with the inputs validated, does the run folder appear (no debris on bad input).
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +85,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, train_set=None, probe_set=None
     method = method.to(memory_format=memory_format)
     if t.compile:
         method.encoder.compile()
-    augment = build_augment(cfg, mean, std).to(device)
+    augment = defended_augment(cfg.defense, build_augment(cfg, mean, std)).to(device)
     optimizer = build_optimizer(method.online_parameters(), cfg)
     sampler = EpochSampler(len(train_set), t.batch_size, t.seed)
     steps_per_epoch = len(sampler)
@@ -136,6 +140,18 @@ def pretrain(cfg: Config, out_dir: str | Path, *, train_set=None, probe_set=None
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x = images[rows.to(device)].float().div_(255)
+            if adversarial is not None:
+                # views that maximise this very loss (same augmentations for every PGD step)
+                state = gen.get_state()
+
+                def own_loss(xp):
+                    gen.set_state(state)
+                    return contrastive_loss(method, augment, xp, gen, memory_format,
+                                            autocast(cfg, device))
+
+                x = adversarial_inputs(own_loss, x, *adversarial,
+                                       generator=epoch_generator(device, t.seed, step, stream=5))
+                gen.set_state(state)
             loss = contrastive_loss(method, augment, x, gen, memory_format, autocast(cfg, device))
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -172,6 +188,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, train_set=None, probe_set=None
         "algorithm": cfg.ssl.algorithm,
         "train_size": len(train_set),
         "train_fingerprint": train_set.fingerprint(),
+        "defenses": list(cfg.defense.names),
         "final_loss": loss_value,
         "train_seconds": round(train_seconds, 1),
     }

@@ -1,0 +1,232 @@
+"""The attack x victim evaluation matrix: every (poison, victim, seed) cell trained and evaluated
+on clean test data, reusing existing poisons and finished runs, written as Markdown + CSV.
+
+Rows are attacks: ``clean``, ``random``, ``random-c``, ``ue-c``, ``ue-s``, ``ap``, ``cp-c``,
+``cp-s`` (CP made with SimCLR), ``cp-s@byol`` (CP made with another contrastive algorithm, for
+transfer), or ``NAME=PATH`` for a poison file made elsewhere. Columns are victims: ``supervised``,
+``simclr``, ``mocov2``, ``byol``. A cell is the victim's clean-test accuracy (supervised: test
+accuracy; contrastive: linear probe), mean ± std over seeds.
+
+Everything lives under one folder: ``poisons/<attack>/`` and ``victims/<attack>/<victim>/seed<k>/``.
+Rerunning with the same folder skips finished cells, resumes half-finished ones from their
+checkpoints, and refuses to mix in a cell that was trained on a different poison file.
+
+Example::
+
+    table = run_matrix("cpu", "runs/matrix", attacks=["clean", "random", "cp-c"],
+                       victims=["supervised", "simclr"], seeds=[0, 1])
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+
+from clpoison.attacks import (ATTACK_NAMES, CONTRASTIVE_ATTACKS, attacker_algorithm, cp_config,
+                              generate_poison, load_poison)
+from clpoison.config import load_config
+from clpoison.errors import ClpoisonError
+from clpoison.train import train_victim, victim_accuracy
+from clpoison.train.common import load_data
+from clpoison.utils import atomic_path, versions, write_json_atomic
+
+VICTIMS = ("supervised", "simclr", "mocov2", "byol")
+
+
+def parse_attack(spec: str) -> tuple[str, str | None, Path | None]:
+    """``cp-s@byol`` -> (cp-s, byol, None); ``mine=p.safetensors`` -> (mine, None, path)."""
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        if not name or not path:
+            raise ClpoisonError(f"external poison rows are NAME=PATH, got {spec!r}")
+        return name, None, Path(path)
+    name, _, alg = spec.partition("@")
+    if name != "clean" and name not in ATTACK_NAMES:
+        raise ClpoisonError(f"unknown attack {name!r} in {spec!r}; choose clean, "
+                            f"{', '.join(ATTACK_NAMES)} or NAME=PATH")
+    if alg and name not in CONTRASTIVE_ATTACKS:
+        raise ClpoisonError(f"{spec!r}: only cp-c/cp-s take @ALGORITHM (the attacker)")
+    if name in CONTRASTIVE_ATTACKS:
+        alg = attacker_algorithm(name, alg or None)
+    return name, alg or None, None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=(0,),
+               defenses=("none",), overrides=(), progress: bool = True, log=print) -> Path:
+    """Fill the matrix in ``out``; returns the path of ``matrix.md`` (``matrix.csv`` beside it).
+
+    ``defenses`` adds a defense axis: each entry is ``none`` or defense names joined by ``+``
+    (``jpeg``, ``matrix-completion+cutout``); every victim is trained once per entry, and the
+    table's columns become victim/defense pairs."""
+    t0 = time.time()
+    out = Path(out)
+    specs = [s.strip() for s in attacks if s.strip()]
+    parsed = [parse_attack(s) for s in specs]
+    for v in victims:
+        if v not in VICTIMS:
+            raise ClpoisonError(f"unknown victim {v!r}; choose from {', '.join(VICTIMS)}")
+    if not seeds:
+        raise ClpoisonError("the matrix needs at least one seed")
+    from clpoison.defenses import DEFENSES
+
+    defenses = [d.strip() for d in defenses if d.strip()] or ["none"]
+    for d in defenses:
+        bad = [n for n in d.split("+") if n not in DEFENSES and d != "none"]
+        if bad:
+            raise ClpoisonError(f"unknown defense(s) {bad} in {d!r}; choose none or "
+                                f"{', '.join(DEFENSES)} (joined by + to combine)")
+    columns = [(v, d) for d in defenses for v in victims]
+    overrides = list(overrides)
+    base = load_config(preset, "simclr", overrides)
+    clean_train, test = load_data(base)
+    record = out / "matrix.json"
+    settings = {"preset": preset, "overrides": overrides}
+    if record.exists():
+        before = json.loads(record.read_text())
+        if {k: before.get(k) for k in settings} != settings:
+            raise ClpoisonError(f"{out} holds a matrix made with other settings ({before.get('preset')}, "
+                                f"{before.get('overrides')}); rerun with those or choose another --out")
+    # validate external poisons before any work
+    for name, _, path in parsed:
+        if path is not None:
+            load_poison(path, dataset=clean_train)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, {**settings, "attacks": specs, "victims": list(victims),
+                               "defenses": defenses,
+                               "seeds": list(seeds), "versions": versions()})
+
+    # --- poisons ------------------------------------------------------------------------------
+    poisons: dict[str, Path | None] = {}
+
+    def poison_for(name: str, alg: str | None) -> Path:
+        key = f"{name}@{alg}" if alg else name
+        if key in poisons:
+            return poisons[key]
+        run_dir = out / "poisons" / key
+        target = run_dir / "poison.safetensors"
+        if not target.exists():
+            init = poison_for("cp-c", alg) if name == "cp-s" else None
+            cfg = load_config(preset, attacker_algorithm(name, alg), overrides)
+            init_generator = None
+            if init is not None and cp_config(cfg, "cp-s").continue_generator:
+                init_generator = init.parent / "generation.pt"
+            log(f"== poison {key} in {run_dir}")
+            generate_poison(name, cfg, run_dir, train_set=clean_train, test_set=test, init=init,
+                            init_generator=init_generator, resume=run_dir.exists(),
+                            progress=progress)
+        poisons[key] = target
+        return target
+
+    rows: list[tuple[str, Path | None]] = []
+    for spec, (name, alg, path) in zip(specs, parsed):
+        if name == "clean":
+            rows.append(("clean", None))
+        elif path is not None:
+            rows.append((name, path))
+        else:
+            rows.append((f"{name}@{alg}" if alg else name, poison_for(name, alg)))
+
+    # --- victims ------------------------------------------------------------------------------
+    cells: dict[tuple[str, str], list[dict]] = {}
+    floors: dict[str, list[float]] = {}
+    for row, path in rows:
+        digest = _sha256(path) if path is not None else None
+        train_set = None
+        for victim, defense in columns:
+            column = victim if defense == "none" else f"{victim}+{defense}"
+            extra = [] if defense == "none" else [f"defense.names={','.join(defense.split('+'))}"]
+            for seed in seeds:
+                run_dir = out / "victims" / row / column / f"seed{seed}"
+                summary_file = run_dir / "summary.json"
+                if summary_file.exists():
+                    summary = json.loads(summary_file.read_text())
+                    if summary.get("poison_sha256") != digest:
+                        raise ClpoisonError(
+                            f"{run_dir} was trained on another poison file than the current "
+                            f"{path}; delete {run_dir} (or the poison) to recompute the cell")
+                else:
+                    if train_set is None:
+                        train_set = clean_train if path is None else load_poison(
+                            path, dataset=clean_train).poison_dataset(clean_train)
+                    cfg = load_config(preset, victim, overrides + extra + [f"train.seed={seed}"])
+                    log(f"== victim {column} seed {seed} on {row}")
+                    summary = train_victim(cfg, run_dir, train_set=train_set, probe_set=clean_train,
+                                           test_set=test, resume=run_dir.exists(),
+                                           progress=progress,
+                                           extra_summary={"data": row, "poison": str(path or ""),
+                                                          "poison_sha256": digest})
+                cells.setdefault((row, column), []).append(summary)
+                if row == "clean" and summary.get("random_init"):
+                    floors.setdefault(column, []).append(victim_accuracy(
+                        {"final": summary["random_init"]}))
+
+    # --- tables -------------------------------------------------------------------------------
+    names = [v if d == "none" else f"{v}+{d}" for v, d in columns]
+    table = _markdown(preset, [r for r, _ in rows], names, list(seeds), cells, floors,
+                      len(clean_train), len(test), time.time() - t0)
+    md = out / "matrix.md"
+    with atomic_path(md) as tmp:
+        tmp.write_text(table)
+    with atomic_path(out / "matrix.csv") as tmp:
+        tmp.write_text(_csv(cells))
+    return md
+
+
+def _markdown(preset, rows, victims, seeds, cells, floors, n_train, n_test, seconds) -> str:
+    head = ["attack"] + victims + ["worst case", "mean"]
+    lines = [f"# clpoison matrix, preset `{preset}`", "",
+             f"Clean-test accuracy (%) of victims trained on {n_train} (poisoned) images, evaluated on "
+             f"{n_test} clean test images; seeds {seeds}, mean ± std. Supervised: test accuracy; "
+             f"contrastive: linear probe. Worst case = lowest column mean; mean = across columns. "
+             f"A column victim+defense is that victim trained with the defense.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        means, cols = [], []
+        for v in victims:
+            acc = [victim_accuracy(s) for s in cells.get((row, v), [])]
+            cols.append(_fmt(acc))
+            if acc:
+                means.append(statistics.mean(acc))
+        worst = f"{min(means):.1f}" if means else "—"
+        mean = f"{statistics.mean(means):.1f}" if means else "—"
+        lines.append("| " + " | ".join([row] + cols + [worst, mean]) + " |")
+    if floors:
+        lines.append("| random-init floor (supervised: chance) | "
+                     + " | ".join(_fmt(floors.get(v, [])) for v in victims) + " | | |")
+    lines += ["", f"Wall time of this call: {seconds / 60:.1f} min (finished cells are reused)."]
+    return "\n".join(lines) + "\n"
+
+
+def _csv(cells) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["attack", "victim", "seed", "accuracy", "linear_final", "knn", "test_accuracy",
+                "train_accuracy", "wall_seconds"])
+    for (row, victim), summaries in cells.items():
+        for s in summaries:
+            f = s["final"]
+            w.writerow([row, victim, s["config"]["train"]["seed"], victim_accuracy(s),
+                        f.get("linear_final", ""), f.get("knn", ""), f.get("test_accuracy", ""),
+                        f.get("train_accuracy", ""), s.get("wall_seconds", "")])
+    return buf.getvalue()
