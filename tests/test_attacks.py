@@ -238,3 +238,23 @@ def test_cps_continues_the_cpc_generator(tmp_path, small_cifar):
     with pytest.raises(ClpoisonError, match="another model"):
         generate_cp(other, tmp_path / "cps2", attack="cp-s", train_set=train, init=init,
                     init_generator=ckpt, progress=False)
+
+
+def test_restarts_give_fresh_generators_and_resume_identically(tmp_path, small_cifar):
+    train, _ = small_cifar
+    over = {"attack.cp-s.rounds": 4, "attack.cp-s.model_steps": 1, "attack.cp-s.noise_steps": 1,
+            "attack.cp-s.pgd_steps": 1, "attack.cp-s.restart_every": 2, "attack.lr_schedule": "victim",
+            "attack.checkpoint_every": 1, "attack.log_every": 1}
+    cfg = load_config("mini", "simclr", tiny_overrides(**over))
+    full = generate_cp(cfg, tmp_path / "full", attack="cp-s", train_set=train, progress=False)
+    records = [json.loads(v) for v in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "round" in r]
+    assert lrs[0] == pytest.approx(lrs[2])          # the victim schedule restarts with the generator
+    assert generate_cp(cfg, tmp_path / "split", attack="cp-s", train_set=train, progress=False,
+                       stop_after=2) is None       # stopped exactly at an episode boundary
+    resumed = generate_cp(cfg, tmp_path / "split", attack="cp-s", train_set=train, progress=False,
+                          resume=True)
+    assert torch.equal(full.perturbation, resumed.perturbation)
+    with pytest.raises(ClpoisonError, match="restart_every"):
+        generate_cp(load_config("mini", "simclr", tiny_overrides(**{"attack.cp-s.restart_every": -1})),
+                    tmp_path / "bad", attack="cp-s", train_set=train, progress=False)

@@ -126,8 +126,9 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
         run_dir = out / "poisons" / key
         target = run_dir / "poison.safetensors"
         if not target.exists():
-            init = poison_for("cp-c", alg) if name == "cp-s" else None
             cfg = load_config(preset, attacker_algorithm(name, alg), overrides)
+            init = poison_for("cp-c", alg) if (
+                name == "cp-s" and cp_config(cfg, "cp-s").start_from_cpc) else None
             init_generator = None
             if init is not None and cp_config(cfg, "cp-s").continue_generator:
                 init_generator = init.parent / "generation.pt"

@@ -43,7 +43,8 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
     t0 = time.time()
     out = Path(out)
     attacks = list(attacks)
-    if "cp-s" in attacks and "cp-c" not in attacks:
+    if "cp-s" in attacks and "cp-c" not in attacks and cp_config(
+            load_config(preset, algorithm, list(overrides)), "cp-s").start_from_cpc:
         attacks.insert(0, "cp-c")   # CP-S starts from CP-C, as in the paper
     attacks.sort(key=["cp-c", "cp-s"].index)
     cfg = load_config(preset, algorithm, list(overrides))
@@ -68,6 +69,8 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
         target = run_dir / POISON_FILE
         if not target.exists():
             init = poisons.get("cp-c") if attack == "cp-s" else None
+            if init is not None and not cp_config(cfg, "cp-s").start_from_cpc:
+                init = None
             init_generator = None
             if init is not None and cp_config(cfg, "cp-s").continue_generator:
                 init_generator = init.parent / "generation.pt"
@@ -111,8 +114,13 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
         picture = out / f"{attacks[0]}.png"
         render_poison(load_poison(poisons[attacks[0]], dataset=clean_train), clean_train, picture)
     report = out / "report.md"
+    generation = {}
+    for name in attacks:
+        g = _done(out / "poisons" / name)
+        if g:
+            generation[name] = {"gap": g["final_gap"]["gap"], "minutes": g["wall_seconds"] / 60}
     text = _report(preset, algorithm, seeds, results, floors, len(clean_train), len(test),
-                   time.time() - t0, picture, cfg.eval.probe)
+                   time.time() - t0, picture, cfg.eval.probe, generation)
     with atomic_path(report) as tmp:
         tmp.write_text(text)
     write_json_atomic(out / "results.json", {"results": results, "random_init": floors})
@@ -126,7 +134,7 @@ def _fmt(values: list[float]) -> str:
 
 
 def _report(preset, algorithm, seeds, results, floors, n_train, n_test, seconds, picture,
-            probe) -> str:
+            probe, generation=None) -> str:
     lines = [f"# clpoison story: {algorithm}, preset `{preset}`", "",
              f"Victims trained on {n_train} images (poisoned or clean), evaluated on {n_test} clean "
              f"test images; seeds {list(seeds)}; mean ± std over seeds. Linear = {probe} linear probe, "
@@ -146,7 +154,10 @@ def _report(preset, algorithm, seeds, results, floors, n_train, n_test, seconds,
     if floors:
         lines.append(f"| random-init encoder (floor) | {_fmt([f['linear_final'] for f in floors])} | "
                      f"{_fmt([f['knn'] for f in floors])} | | |")
-    lines += ["", f"Wall time: {seconds / 60:.1f} min."]
+    for name, g in (generation or {}).items():
+        lines.append(f"\n{name} generation: {g['minutes']:.1f} min, generator's clean-minus-poisoned "
+                     f"loss gap {g['gap']:.3f} nats.")
+    lines += ["", f"Wall time of this call: {seconds / 60:.1f} min (finished stages are reused)."]
     if picture is not None:
         lines += ["", f"![poison]({picture.name})", "",
                   "Top row: the poison patterns amplified to full range; below, per class: clean | "

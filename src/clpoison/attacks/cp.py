@@ -69,6 +69,8 @@ class CPConfig:
     warm_start_epochs: float = 0.0      # clean contrastive epochs before the first round
     init: str = "uniform"               # uniform | zeros (ignored with an init poison file)
     continue_generator: bool = False    # story/matrix: CP-S continues the CP-C generator run
+    start_from_cpc: bool = True         # story/matrix: CP-S starts from the CP-C poison (the
+                                        # paper); false: from ``init`` (uniform noise)
     log_every: int = 10                 # rounds between loss-gap diagnostics
     checkpoint_every: int = 50          # rounds between generation checkpoints
     seed: int | None = None             # None: train.seed + 1000 (generator != victim seed)
