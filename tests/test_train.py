@@ -56,7 +56,7 @@ def test_refuses_existing_run_and_changed_config(tmp_path, small_cifar):
         _run(tmp_path, small_cifar, "run", evaluate=False)
     train, test = small_cifar
     cfg = load_config("mini", "simclr", tiny_overrides(**{"train.lr": 0.1}))
-    with pytest.raises(ClpoisonError, match="different configuration"):
+    with pytest.raises(ClpoisonError, match="other settings"):
         pretrain(cfg, tmp_path / "run", train_set=train, probe_set=train, test_set=test,
                  progress=False, evaluate=False, resume=True)
 

@@ -30,7 +30,8 @@ from clpoison.attacks.ue import frozen_copy
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
 from clpoison.train.common import memory_format as channels_format
-from clpoison.train.common import (EpochSampler, RunLogger, epoch_generator, load_checkpoint,
+from clpoison.train.common import (load_resume_state, refuse_existing_run,
+                                   EpochSampler, RunLogger, epoch_generator,
                                    load_data, resume_key, save_checkpoint, setup_runtime,
                                    truncate_metrics)
 from clpoison.train.supervised import build_crop_flip, load_classifier, train_supervised
@@ -107,10 +108,8 @@ def generate_ap(cfg: Config, out_dir: str | Path, *, attack: str = "ap", train_s
     a = ap_config(cfg)
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    if not resume and out_dir.exists() and any((out_dir / f).exists()
-                                               for f in (CHECKPOINT, POISON_FILE, "metrics.jsonl")):
-        raise ClpoisonError(f"{out_dir} already holds a generation run; pass --resume to continue "
-                            f"it or choose another --out")
+    refuse_existing_run(out_dir, resume, (CHECKPOINT, POISON_FILE, "metrics.jsonl"),
+                        "generation run")
     device = setup_runtime(cfg)
     if train_set is None or test_set is None:
         clean_train, clean_test = load_data(cfg)
@@ -150,10 +149,7 @@ def generate_ap(cfg: Config, out_dir: str | Path, *, attack: str = "ap", train_s
     log = RunLogger(out_dir, quiet=not progress)
     start = 0
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state.get("resume_key") != resume_key(cfg) or state.get("attack") != asdict(a):
-            raise ClpoisonError(f"{ckpt_path} was written with other settings; resume with the same "
-                                f"preset and overrides, or choose another --out")
+        state = load_resume_state(ckpt_path, cfg, attack=asdict(a))
         delta.copy_(state["delta"].to(device))
         start = int(state["batch"])
         truncate_metrics(out_dir, "batch", start)

@@ -40,7 +40,8 @@ from clpoison.config import Config
 from clpoison.errors import ClpoisonError
 from clpoison.models.fuse import fuse_conv_bn
 from clpoison.train.common import memory_format as channels_format
-from clpoison.train.common import (EpochSampler, RunLogger, autocast, build_augment, build_method,
+from clpoison.train.common import (load_resume_state, refuse_existing_run,
+                                   EpochSampler, RunLogger, autocast, build_augment, build_method,
                                    build_optimizer, contrastive_loss, epoch_generator,
                                    load_checkpoint, load_data, lr_at, model_signature,
                                    resume_key, save_checkpoint, setup_runtime, truncate_metrics)
@@ -161,10 +162,8 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
     a = cp_config(cfg, attack)
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    if not resume and out_dir.exists() and any((out_dir / f).exists()
-                                               for f in (CHECKPOINT, POISON_FILE, "metrics.jsonl")):
-        raise ClpoisonError(f"{out_dir} already holds a generation run; pass --resume to continue "
-                            f"it or choose another --out")
+    refuse_existing_run(out_dir, resume, (CHECKPOINT, POISON_FILE, "metrics.jsonl"),
+                        "generation run")
     device = setup_runtime(cfg)
     t = cfg.train
     if t.amp == "fp16" and device.type == "cuda":
@@ -228,10 +227,7 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         optimizer.load_state_dict(state["optimizer"])
         log.info(f"generator initialised from {init_generator} (no warm start)")
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state.get("resume_key") != resume_key(cfg) or state.get("attack") != asdict(a):
-            raise ClpoisonError(f"{ckpt_path} was written with other settings; resume with the same "
-                                f"preset and overrides, or choose another --out")
+        state = load_resume_state(ckpt_path, cfg, attack=asdict(a))
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         delta.copy_(state["delta"].to(device))

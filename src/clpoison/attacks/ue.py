@@ -32,8 +32,9 @@ from clpoison.config import Config
 from clpoison.errors import ClpoisonError
 from clpoison.models.fuse import fuse_conv_bn
 from clpoison.train.common import memory_format as channels_format
-from clpoison.train.common import (EpochSampler, RunLogger, build_optimizer, epoch_generator,
-                                   load_checkpoint, load_data, resume_key, save_checkpoint,
+from clpoison.train.common import (load_resume_state, refuse_existing_run,
+                                   EpochSampler, RunLogger, build_optimizer, epoch_generator,
+                                   load_data, resume_key, save_checkpoint,
                                    setup_runtime, truncate_metrics)
 from clpoison.train.supervised import build_classifier, build_crop_flip, supervised_step
 from clpoison.utils import seed_everything, versions, write_json_atomic
@@ -142,10 +143,8 @@ def generate_ue(cfg: Config, out_dir: str | Path, *, attack: str = "ue-s", train
     a = ue_config(cfg, attack)
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    if not resume and out_dir.exists() and any((out_dir / f).exists()
-                                               for f in (CHECKPOINT, POISON_FILE, "metrics.jsonl")):
-        raise ClpoisonError(f"{out_dir} already holds a generation run; pass --resume to continue "
-                            f"it or choose another --out")
+    refuse_existing_run(out_dir, resume, (CHECKPOINT, POISON_FILE, "metrics.jsonl"),
+                        "generation run")
     device = setup_runtime(cfg)
     t = cfg.train
     if train_set is None:
@@ -175,10 +174,7 @@ def generate_ue(cfg: Config, out_dir: str | Path, *, attack: str = "ue-s", train
     log = RunLogger(out_dir, quiet=not progress)
     start_round, model_step = 0, 0
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state.get("resume_key") != resume_key(cfg) or state.get("attack") != asdict(a):
-            raise ClpoisonError(f"{ckpt_path} was written with other settings; resume with the same "
-                                f"preset and overrides, or choose another --out")
+        state = load_resume_state(ckpt_path, cfg, attack=asdict(a))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         delta.copy_(state["delta"].to(device))

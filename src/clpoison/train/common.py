@@ -259,3 +259,42 @@ def contrastive_loss(method, augment, x: torch.Tensor, generator: torch.Generato
     view2 = augment(x, generator=generator).contiguous(memory_format=memory_format)
     with (amp if amp is not None else contextlib.nullcontext()):
         return method(view1, view2)
+
+
+def refuse_existing_run(out_dir: Path, resume: bool, files: tuple[str, ...], what: str = "run") -> None:
+    """A run folder that already holds one of ``files`` is only reused with ``resume``."""
+    if not resume and out_dir.exists() and any((out_dir / f).exists() for f in files):
+        raise ClpoisonError(f"{out_dir} already holds a {what}; pass --resume to continue it or "
+                            f"choose another --out")
+
+
+def load_resume_state(ckpt_path: Path, cfg: Config, state: dict | None = None, **expected) -> dict:
+    """The checkpoint to resume from, refused when written with other settings (the config's
+    resume key, plus any ``expected`` entries such as the attack settings)."""
+    state = state if state is not None else load_checkpoint(ckpt_path)
+    if state.get("resume_key") != resume_key(cfg) or any(state.get(k) != v for k, v in expected.items()):
+        raise ClpoisonError(f"{ckpt_path} was written with other settings; resume with the same "
+                            f"preset and overrides, or choose another --out")
+    return state
+
+
+def end_of_epoch(log: RunLogger, cfg: Config, epoch: int, loss_value: float, lr: float,
+                 seconds: float, steps_per_epoch: int, checkpoint, stop_after: int | None) -> bool:
+    """Shared epoch bookkeeping of the training loops: divergence check, metrics line, progress
+    line, periodic checkpoint; returns True when the loop should stop (``stop_after``)."""
+    t = cfg.train
+    if not math.isfinite(loss_value):
+        raise ClpoisonError(f"training diverged (loss {loss_value}) at epoch {epoch}; lower "
+                            f"train.lr or disable train.amp")
+    record = {"epoch": epoch, "loss": round(loss_value, 5), "lr": lr, "seconds": round(seconds, 2),
+              "images_per_second": round(steps_per_epoch * t.batch_size / seconds, 1)}
+    log.metrics(record)
+    log.info(f"epoch {epoch}/{t.epochs}  loss {loss_value:.4f}  lr {lr:.4f}  "
+             f"{record['images_per_second']:.0f} img/s")
+    if (t.checkpoint_every and epoch % t.checkpoint_every == 0) or epoch == t.epochs:
+        checkpoint(epoch)
+    if stop_after is not None and epoch >= stop_after and epoch < t.epochs:
+        checkpoint(epoch)
+        log.info(f"stopped after epoch {epoch}; continue with --resume")
+        return True
+    return False

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clpoison.config import Config
-from clpoison.errors import ClpoisonError
 from clpoison.train.common import memory_format as channels_format
-from clpoison.train.common import (EpochSampler, RunLogger, autocast, build_optimizer,
+from clpoison.train.common import (end_of_epoch, load_resume_state, refuse_existing_run,
+                                   EpochSampler, RunLogger, autocast, build_optimizer,
                                    epoch_generator, load_checkpoint, load_data, lr_at,
                                    model_signature, check_signature, resume_key, save_checkpoint,
                                    setup_runtime, truncate_metrics)
@@ -89,10 +89,7 @@ def train_supervised(cfg: Config, out_dir: str | Path, *, train_set=None, test_s
     t_start = time.time()
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    if not resume and out_dir.exists() and any((out_dir / f).exists()
-                                               for f in (CHECKPOINT, "summary.json", "metrics.jsonl")):
-        raise ClpoisonError(f"run folder {out_dir} already holds a run; pass --resume to continue "
-                            f"it or choose another --out")
+    refuse_existing_run(out_dir, resume, (CHECKPOINT, "summary.json", "metrics.jsonl"))
     device = setup_runtime(cfg)
     t = cfg.train
     if train_set is None or test_set is None:
@@ -129,9 +126,7 @@ def train_supervised(cfg: Config, out_dir: str | Path, *, train_set=None, test_s
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         check_signature(state["signature"], cfg, ckpt_path)
-        if state.get("resume_key") != resume_key(cfg):
-            raise ClpoisonError(f"{ckpt_path} was written with a different configuration; resume "
-                                f"with the same preset and overrides, or start a new --out")
+        load_resume_state(ckpt_path, cfg, state)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
@@ -179,21 +174,8 @@ def train_supervised(cfg: Config, out_dir: str | Path, *, train_set=None, test_s
             loss_sum += loss.detach().float()
             step += 1
         loss_value = (loss_sum / steps_per_epoch).item()
-        if not torch.isfinite(torch.tensor(loss_value)):
-            raise ClpoisonError(f"training diverged (loss {loss_value}) at epoch {epoch + 1}; lower "
-                                f"train.lr or disable train.amp")
-        seconds = time.time() - t_epoch
-        record = {"epoch": epoch + 1, "loss": round(loss_value, 5), "lr": lr,
-                  "seconds": round(seconds, 2),
-                  "images_per_second": round(steps_per_epoch * t.batch_size / seconds, 1)}
-        log.metrics(record)
-        log.info(f"epoch {epoch + 1}/{t.epochs}  loss {loss_value:.4f}  lr {lr:.4f}  "
-                 f"{record['images_per_second']:.0f} img/s")
-        if (t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0) or epoch + 1 == t.epochs:
-            checkpoint(epoch + 1)
-        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < t.epochs:
-            checkpoint(epoch + 1)
-            log.info(f"stopped after epoch {epoch + 1}; continue with --resume")
+        if end_of_epoch(log, cfg, epoch + 1, loss_value, lr, time.time() - t_epoch,
+                        steps_per_epoch, checkpoint, stop_after):
             return None
     train_seconds = time.time() - t_train
 
