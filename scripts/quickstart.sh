@@ -2,7 +2,7 @@
 # Set up, then run the main job: the whole Contrastive Poisoning story on this machine's CPU
 # (clean SimCLR victim, CP-C poison, victim on the poisoned data, report).
 #   scripts/quickstart.sh                  # preset `mini` (a smoke run of minutes)
-#   PRESET=cpu scripts/quickstart.sh       # the CPU protocol where the effect shows (~1 hour)
+#   PRESET=cpu scripts/quickstart.sh       # the CPU protocol (~50 min; CP shows no effect yet, README)
 # Extra arguments go to `clpoison story` (e.g. --seeds 0,1 --attacks cp-c,cp-s).
 . "$(dirname "$0")/_env.sh" test
 PRESET="${PRESET:-mini}"

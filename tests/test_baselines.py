@@ -12,7 +12,6 @@ from clpoison.config import load_config
 from clpoison.errors import ClpoisonError
 from clpoison.matrix import run_matrix
 from clpoison.train import train_victim
-from clpoison.train.supervised import build_classifier
 from tests.conftest import tiny_overrides
 
 EPS = 8 / 255
@@ -169,6 +168,16 @@ def test_matrix_reuses_cells_and_refuses_mismatch(tmp_path, small_cifar, monkeyp
     run_matrix("mini", tmp_path / "m", attacks=["clean", "random-c"], victims=["supervised", "simclr"],
                seeds=[0], overrides=over, progress=False, log=lambda m: None)
     assert len(calls) == 4                                    # nothing recomputed
+    # a finished cell made with other settings (e.g. a changed default) is refused
+    cell = tmp_path / "m" / "victims" / "clean" / "supervised" / "seed0" / "summary.json"
+    saved = cell.read_text()
+    edited = json.loads(saved)
+    edited["config"]["train"]["momentum"] = 0.5
+    cell.write_text(json.dumps(edited))
+    with pytest.raises(ClpoisonError, match="other settings"):
+        run_matrix("mini", tmp_path / "m", attacks=["clean"], victims=["supervised"], seeds=[0],
+                   overrides=over, progress=False, log=lambda m: None)
+    cell.write_text(saved)
     # a poison file replaced under a finished cell is refused, not silently mixed
     other = Poison.for_dataset("class", EPS, train, generator=torch.Generator().manual_seed(99),
                                attack="random-c")

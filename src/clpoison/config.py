@@ -110,7 +110,9 @@ class DefenseConfig:
     # matrix completion (ME-Net, as the Contrastive Poisoning paper's countermeasure)
     mc_p: list[float] = field(default_factory=lambda: [0.4, 0.6])  # keep-probability range
     mc_copies: int = 1                  # masked copies of the training set (p spread over mc_p)
-    mc_method: str = "usvt"             # usvt (one truncated SVD) | softimpute (iterative)
+    # softimpute by measurement (README, "Defenses"): at p 0.5 it keeps 19.4 dB on clean images
+    # and leaves 42% of a UE-S poison's energy; one-shot USVT keeps 13-17 dB and leaves 68-150%
+    mc_method: str = "softimpute"       # softimpute (iterative) | usvt (one truncated SVD)
     mc_channels: str = "concat"         # concat: one H x 3W matrix | separate: three H x W
     mc_rank: int | None = None          # keep this many singular values instead of the threshold
     mc_eta: float = 0.5                 # USVT threshold (2 + eta) sqrt(max(m, n) p)

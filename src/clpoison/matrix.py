@@ -29,10 +29,10 @@ from pathlib import Path
 
 from clpoison.attacks import (ATTACK_NAMES, CONTRASTIVE_ATTACKS, attacker_algorithm, cp_config,
                               generate_poison, load_poison)
-from clpoison.config import load_config
+from clpoison.config import config_from_dict, load_config
 from clpoison.errors import ClpoisonError
 from clpoison.train import train_victim, victim_accuracy
-from clpoison.train.common import load_data
+from clpoison.train.common import load_data, resume_key
 from clpoison.utils import atomic_path, versions, write_json_atomic
 
 VICTIMS = ("supervised", "simclr", "mocov2", "byol")
@@ -62,6 +62,17 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _cell_key(cfg) -> str:
+    """What must match for a finished victim to count as this call's cell: the training settings,
+    without evaluation, device and paths, the attack section (it does not touch victims) and the
+    defense parameters when no defense is on."""
+    d = json.loads(resume_key(cfg))
+    d.pop("attack", None)
+    if not d["defense"]["names"]:
+        d.pop("defense")
+    return json.dumps(d, sort_keys=True)
 
 
 def _fmt(values: list[float]) -> str:
@@ -160,17 +171,21 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
             for seed in seeds:
                 run_dir = out / "victims" / row / column / f"seed{seed}"
                 summary_file = run_dir / "summary.json"
+                cfg = load_config(preset, victim, overrides + extra + [f"train.seed={seed}"])
                 if summary_file.exists():
                     summary = json.loads(summary_file.read_text())
                     if summary.get("poison_sha256") != digest:
                         raise ClpoisonError(
                             f"{run_dir} was trained on another poison file than the current "
                             f"{path}; delete {run_dir} (or the poison) to recompute the cell")
+                    if _cell_key(config_from_dict(summary["config"])) != _cell_key(cfg):
+                        raise ClpoisonError(
+                            f"{run_dir} was trained with other settings than this call's (a "
+                            f"changed default or preset?); delete it to recompute the cell")
                 else:
                     if train_set is None:
                         train_set = clean_train if path is None else load_poison(
                             path, dataset=clean_train).poison_dataset(clean_train)
-                    cfg = load_config(preset, victim, overrides + extra + [f"train.seed={seed}"])
                     log(f"== victim {column} seed {seed} on {row}")
                     summary = train_victim(cfg, run_dir, train_set=train_set, probe_set=clean_train,
                                            test_set=test, resume=run_dir.exists(),
