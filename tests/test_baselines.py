@@ -199,3 +199,13 @@ def test_matrix_reuses_cells_and_refuses_mismatch(tmp_path, small_cifar, monkeyp
         run_matrix("mini", tmp_path / "m", attacks=["clean"], victims=["dino"], seeds=[0],
                    overrides=over, progress=False, log=lambda m: None)
     assert len(calls) == 4
+
+
+def test_eval_explains_supervised_checkpoints(tmp_path, small_cifar, capsys):
+    from clpoison.cli import main
+
+    train, test = small_cifar
+    train_victim(_cfg(**{"train.epochs": 1}), tmp_path / "s", train_set=train, test_set=test,
+                 progress=False)
+    assert main(["eval", "--checkpoint", str(tmp_path / "s" / "checkpoint.pt")]) == 2
+    assert "supervised classifier" in capsys.readouterr().err

@@ -79,6 +79,10 @@ def cmd_eval(args) -> int:
 
     if args.checkpoint:
         state = load_checkpoint(Path(args.checkpoint))
+        if isinstance(state, dict) and "model" in state and "method" not in state:
+            raise ClpoisonError(f"{args.checkpoint} is a supervised classifier's checkpoint; eval "
+                                f"probes contrastive encoders (the classifier's clean-test accuracy "
+                                f"is in its run's summary.json)")
         if not isinstance(state, dict) or not {"config", "method", "signature"} <= set(state):
             raise ClpoisonError(f"{args.checkpoint} is not a clpoison checkpoint (no config/method); "
                                 f"pass the checkpoint.pt of a `clpoison train` run")
