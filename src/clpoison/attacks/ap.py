@@ -30,9 +30,9 @@ from clpoison.attacks.ue import frozen_copy
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
 from clpoison.train.common import memory_format as channels_format
-from clpoison.train.common import (load_resume_state, refuse_existing_run,
+from clpoison.train.common import (default_data, load_resume_state, refuse_existing_run,
                                    EpochSampler, RunLogger, epoch_generator,
-                                   load_data, resume_key, save_checkpoint, setup_runtime,
+                                   resume_key, save_checkpoint, setup_runtime,
                                    truncate_metrics)
 from clpoison.train.supervised import build_crop_flip, load_classifier, train_supervised
 from clpoison.utils import versions, write_json_atomic
@@ -111,10 +111,7 @@ def generate_ap(cfg: Config, out_dir: str | Path, *, attack: str = "ap", train_s
     refuse_existing_run(out_dir, resume, (CHECKPOINT, POISON_FILE, "metrics.jsonl"),
                         "generation run")
     device = setup_runtime(cfg)
-    if train_set is None or test_set is None:
-        clean_train, clean_test = load_data(cfg)
-        train_set = train_set if train_set is not None else clean_train
-        test_set = test_set if test_set is not None else clean_test
+    train_set, _, test_set = default_data(cfg, train_set, None, test_set, need_probe=False)
     mean, std = normalization_stats(cfg.data.dataset)
     seed = a.seed if a.seed is not None else cfg.train.seed + 3000
 

@@ -298,3 +298,28 @@ def end_of_epoch(log: RunLogger, cfg: Config, epoch: int, loss_value: float, lr:
         log.info(f"stopped after epoch {epoch}; continue with --resume")
         return True
     return False
+
+
+def default_data(cfg: Config, train_set=None, probe_set=None, test_set=None, need_probe: bool = True):
+    """(train, probe, test): the given datasets, the clean ones of ``cfg.data`` where None
+    (the probe defaults to the clean training subset; with ``need_probe=False`` a missing probe
+    alone does not load data and stays None)."""
+    if train_set is None or test_set is None or (need_probe and probe_set is None):
+        clean_train, clean_test = load_data(cfg)
+        train_set = train_set if train_set is not None else clean_train
+        probe_set = probe_set if probe_set is not None else clean_train
+        test_set = test_set if test_set is not None else clean_test
+    return train_set, probe_set, test_set
+
+
+def victim_inputs(cfg: Config, train_set=None, probe_set=None, test_set=None, need_probe: bool = True):
+    """What every victim loop starts from: the datasets (defaults filled), the training set with
+    its offline defenses applied, normalisation statistics and the adversarial-training settings
+    (None when off). Returns (train, probe, test, mean, std, adversarial)."""
+    from clpoison.data import normalization_stats
+    from clpoison.defenses import adversarial_settings, defend_dataset
+
+    train_set, probe_set, test_set = default_data(cfg, train_set, probe_set, test_set, need_probe)
+    mean, std = normalization_stats(cfg.data.dataset)
+    train_set = defend_dataset(cfg.defense, train_set, seed=cfg.train.seed)
+    return train_set, probe_set, test_set, mean, std, adversarial_settings(cfg.defense)

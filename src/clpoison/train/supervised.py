@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from clpoison.config import Config
 from clpoison.train.common import memory_format as channels_format
-from clpoison.train.common import (end_of_epoch, load_resume_state, refuse_existing_run,
+from clpoison.train.common import (end_of_epoch, victim_inputs, load_resume_state, refuse_existing_run,
                                    EpochSampler, RunLogger, autocast, build_optimizer,
-                                   epoch_generator, load_checkpoint, load_data, lr_at,
+                                   epoch_generator, load_checkpoint, lr_at,
                                    model_signature, check_signature, resume_key, save_checkpoint,
                                    setup_runtime, truncate_metrics)
 from clpoison.utils import seed_everything, versions, write_json_atomic
@@ -92,17 +92,10 @@ def train_supervised(cfg: Config, out_dir: str | Path, *, train_set=None, test_s
     refuse_existing_run(out_dir, resume, (CHECKPOINT, "summary.json", "metrics.jsonl"))
     device = setup_runtime(cfg)
     t = cfg.train
-    if train_set is None or test_set is None:
-        clean_train, clean_test = load_data(cfg)
-        train_set = train_set if train_set is not None else clean_train
-        test_set = test_set if test_set is not None else clean_test
-    from clpoison.data import normalization_stats
+    from clpoison.defenses import adversarial_inputs, defended_augment
 
-    from clpoison.defenses import adversarial_inputs, adversarial_settings, defend_dataset, defended_augment
-
-    mean, std = normalization_stats(cfg.data.dataset)
-    train_set = defend_dataset(cfg.defense, train_set, seed=t.seed)   # offline defenses, if any
-    adversarial = adversarial_settings(cfg.defense)
+    train_set, probe_set, test_set, mean, std, adversarial = victim_inputs(   # offline defenses
+        cfg, train_set, probe_set, test_set, need_probe=False)
     images = train_set.images.to(device)
     labels = train_set.labels.to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
