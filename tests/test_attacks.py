@@ -13,7 +13,7 @@ from clpoison.attacks.cp import poison_step
 from clpoison.cli import main
 from clpoison.config import load_config
 from clpoison.errors import ClpoisonError
-from clpoison.train.common import build_augment, build_method
+from clpoison.train.common import build_augment, build_method, lr_at
 from tests.conftest import tiny_overrides
 
 EPS = 8 / 255
@@ -257,4 +257,21 @@ def test_restarts_give_fresh_generators_and_resume_identically(tmp_path, small_c
     assert torch.equal(full.perturbation, resumed.perturbation)
     with pytest.raises(ClpoisonError, match="restart_every"):
         generate_cp(load_config("mini", "simclr", tiny_overrides(**{"attack.cp-s.restart_every": -1})),
+                    tmp_path / "bad", attack="cp-s", train_set=train, progress=False)
+
+
+def test_generator_cosine_ends_at_its_own_floor(tmp_path, small_cifar):
+    # attack.min_lr_ratio shapes the generator's schedule only (victims keep train.min_lr_ratio)
+    train, _ = small_cifar
+    over = {"attack.cp-s.rounds": 3, "attack.cp-s.model_steps": 1, "attack.cp-s.noise_steps": 1,
+            "attack.cp-s.pgd_steps": 1, "attack.lr_schedule": "cosine", "attack.min_lr_ratio": 0.1,
+            "train.lr": 0.5, "attack.warm_start_epochs": 0}
+    generate_cp(load_config("mini", "simclr", tiny_overrides(**over)), tmp_path / "g",
+                attack="cp-s", train_set=train, progress=False)
+    lrs = [json.loads(v)["lr"] for v in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()
+           if '"round"' in v]
+    assert lrs == pytest.approx([lr_at(s, 3, 0, 0.5, 0.1) for s in range(3)])
+    assert lrs[-1] != pytest.approx(lr_at(2, 3, 0, 0.5, 1e-3))   # not the victim's floor
+    with pytest.raises(ClpoisonError, match="min_lr_ratio"):
+        generate_cp(load_config("mini", "simclr", tiny_overrides(**{"attack.min_lr_ratio": 2})),
                     tmp_path / "bad", attack="cp-s", train_set=train, progress=False)

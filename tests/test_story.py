@@ -1,5 +1,7 @@
 """The quick-start main job end to end on a tiny setting: poisons, paired victims, report."""
 
+import re
+
 import pytest
 
 import clpoison.story as story
@@ -18,6 +20,7 @@ def test_story_writes_report_and_refuses_changed_settings(tmp_path, small_cifar,
     for row in ("| clean |", "| cp-c |", "| random |", "random-init encoder (floor)",
                 "cp-c generation"):
         assert row in text
+    assert re.search(r"\| cp-c \|.*\| \d+\.\d{3} \|$", text, re.M)   # the victim's train loss
     assert (tmp_path / "s" / "cp-c.png").exists()
     mtime = (tmp_path / "s" / "victims" / "clean-seed0" / "summary.json").stat().st_mtime
     story.run_story("mini", tmp_path / "s", seeds=[0], attacks=["cp-c"], overrides=over,

@@ -102,7 +102,10 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
                 summary = pretrain(vcfg, run_dir, train_set=train_set, probe_set=clean_train,
                                    test_set=test, resume=run_dir.exists(), progress=progress,
                                    extra_summary={"data": name})
-            results.setdefault(name, []).append(summary["final"])
+            # the victim's last training loss: a poison the victim exploits lowers it (an early
+            # indicator from the feasibility study; it says nothing about clean accuracy alone)
+            results.setdefault(name, []).append({**summary["final"],
+                                                 "train_loss": summary.get("final_loss")})
             if name == "clean" and summary.get("random_init"):
                 floors.append(summary["random_init"])
 
@@ -133,13 +136,21 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def _fmt_delta(deltas: list[float]) -> str:
+    """Mean ± std, and each seed's own difference: an effect is real only if every seed shows it."""
+    if len(deltas) == 1:
+        return f"{deltas[0]:+.1f}"
+    return f"{_fmt(deltas)} ({', '.join(f'{d:+.1f}' for d in deltas)})"
+
+
 def _report(preset, algorithm, seeds, results, floors, n_train, n_test, seconds, picture,
             probe, generation=None) -> str:
     lines = [f"# clpoison story: {algorithm}, preset `{preset}`", "",
              f"Victims trained on {n_train} images (poisoned or clean), evaluated on {n_test} clean "
              f"test images; seeds {list(seeds)}; mean ± std over seeds. Linear = {probe} linear probe, "
-             f"final accuracy. Δ = poisoned minus clean, paired by seed.", "",
-             "| training data | linear % | kNN % | Δ linear | Δ kNN |", "|---|---|---|---|---|"]
+             f"final accuracy. Δ = poisoned minus clean, paired by seed (each seed's Δ in brackets).", "",
+             "| training data | linear % | kNN % | Δ linear | Δ kNN | victim train loss |",
+             "|---|---|---|---|---|---|"]
     clean_lin = [r["linear_final"] for r in results["clean"]]
     clean_knn = [r["knn"] for r in results["clean"]]
     for name, rows in results.items():
@@ -148,12 +159,14 @@ def _report(preset, algorithm, seeds, results, floors, n_train, n_test, seconds,
         if name == "clean":
             d_lin = d_knn = "—"
         else:
-            d_lin = _fmt([a - b for a, b in zip(lin, clean_lin)])
-            d_knn = _fmt([a - b for a, b in zip(knn, clean_knn)])
-        lines.append(f"| {name} | {_fmt(lin)} | {_fmt(knn)} | {d_lin} | {d_knn} |")
+            d_lin = _fmt_delta([a - b for a, b in zip(lin, clean_lin)])
+            d_knn = _fmt_delta([a - b for a, b in zip(knn, clean_knn)])
+        losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+        loss = f"{statistics.mean(losses):.3f}" if losses else "—"
+        lines.append(f"| {name} | {_fmt(lin)} | {_fmt(knn)} | {d_lin} | {d_knn} | {loss} |")
     if floors:
         lines.append(f"| random-init encoder (floor) | {_fmt([f['linear_final'] for f in floors])} | "
-                     f"{_fmt([f['knn'] for f in floors])} | | |")
+                     f"{_fmt([f['knn'] for f in floors])} | | | |")
     for name, g in (generation or {}).items():
         lines.append(f"\n{name} generation: {g['minutes']:.1f} min, generator's clean-minus-poisoned "
                      f"loss gap {g['gap']:.3f} nats.")

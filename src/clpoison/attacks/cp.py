@@ -67,6 +67,7 @@ class CPConfig:
     restart_every: int = 0              # rounds per episode: the generator restarts from a fresh
                                         # random init (a simulated victim); 0 = never
     model_lr: float | None = None       # generator encoder lr; None: train.lr (the victim's)
+    min_lr_ratio: float | None = None   # generator cosine ends at lr * this; None: train.min_lr_ratio
     warm_start_epochs: float = 0.0      # clean contrastive epochs before the first round
     init: str = "uniform"               # uniform | zeros (ignored with an init poison file)
     continue_generator: bool = False    # story/matrix: CP-S continues the CP-C generator run
@@ -99,6 +100,9 @@ class CPConfig:
             value = getattr(c, name)
             if value is not None and value < (0 if name == "model_steps" else 1):
                 raise ClpoisonError(f"attack.{name} must be >= {0 if name == 'model_steps' else 1}, got {value}")
+        if self.min_lr_ratio is not None and not 0 <= self.min_lr_ratio <= 1:
+            raise ClpoisonError(f"attack.min_lr_ratio must be in [0, 1] (or empty for "
+                                f"train.min_lr_ratio), got {self.min_lr_ratio}")
         if self.model_lr is not None and not self.model_lr > 0:
             raise ClpoisonError(f"attack.model_lr must be > 0 (or empty for train.lr), got {self.model_lr}")
         if not 0 < self.step_size <= 2:
@@ -328,6 +332,7 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         model_step = warm_steps  # the generation schedule starts after the warm start
 
     base_lr = a.model_lr if a.model_lr is not None else t.lr
+    min_ratio = a.min_lr_ratio if a.min_lr_ratio is not None else t.min_lr_ratio
 
     episode_steps = a.restart_every * model_steps if a.restart_every else total_model_steps
 
@@ -337,8 +342,8 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         pos = s - warm_steps
         if a.lr_schedule == "victim":   # the victim's own schedule, restarted every episode
             return lr_at(pos % max(1, episode_steps), episode_steps,
-                         round(t.warmup_epochs * per_epoch), base_lr, t.min_lr_ratio)
-        return lr_at(pos, total_model_steps, 0, base_lr, t.min_lr_ratio)
+                         round(t.warmup_epochs * per_epoch), base_lr, min_ratio)
+        return lr_at(pos, total_model_steps, 0, base_lr, min_ratio)
 
     def restart(round_index: int) -> None:
         """A fresh generator, as a new victim would start: random init, empty optimiser state."""
