@@ -43,11 +43,11 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
     t0 = time.time()
     out = Path(out)
     attacks = list(attacks)
-    if "cp-s" in attacks and "cp-c" not in attacks and cp_config(
-            load_config(preset, algorithm, list(overrides)), "cp-s").start_from_cpc:
+    cfg = load_config(preset, algorithm, list(overrides))
+    cps = cp_config(cfg, "cp-s")
+    if "cp-s" in attacks and "cp-c" not in attacks and cps.start_from_cpc:
         attacks.insert(0, "cp-c")   # CP-S starts from CP-C, as in the paper
     attacks.sort(key=["cp-c", "cp-s"].index)
-    cfg = load_config(preset, algorithm, list(overrides))
     clean_train, test = load_data(cfg)
     # Finished stages are reused on a rerun, so the settings must be the ones they were made with.
     record = out / "story.json"
@@ -69,10 +69,10 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
         target = run_dir / POISON_FILE
         if not target.exists():
             init = poisons.get("cp-c") if attack == "cp-s" else None
-            if init is not None and not cp_config(cfg, "cp-s").start_from_cpc:
+            if init is not None and not cps.start_from_cpc:
                 init = None
             init_generator = None
-            if init is not None and cp_config(cfg, "cp-s").continue_generator:
+            if init is not None and cps.continue_generator:
                 init_generator = init.parent / "generation.pt"
             log(f"== generating {attack} ({algorithm}) in {run_dir}")
             generate_cp(cfg, run_dir, attack=attack, train_set=clean_train, init=init,
