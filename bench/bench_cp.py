@@ -9,8 +9,10 @@ Cases (each timed in its own subprocess so that peak memory is its own):
   noise-s     a CP-S poison step with a 50,000-row poison (sparse rows, no dense gradient)
 
 Usage: python bench/bench_cp.py [--width 16] [--batch 256] [--repeats 5] [--device cpu]
+                                [--amp none,bf16]
 Prints images/s (source images: each image gives two views), seconds/step, the ratio to
-`plain` measured in the same run, and peak memory (CUDA: max allocated; CPU: peak RSS).
+`plain` at the same precision and to fp32 `plain`, measured in the same run, and peak memory
+(CUDA: max allocated; CPU: peak RSS). ``--amp`` lists precisions (train.amp values) to time.
 """
 
 from __future__ import annotations
@@ -25,16 +27,19 @@ import time
 CASES = ("plain", "model", "model-kornia", "noise-c", "noise-s")
 
 
-def run_case(case: str, width: int, batch: int, repeats: int, device: str, algorithm: str) -> dict:
+def run_case(case: str, width: int, batch: int, repeats: int, device: str, algorithm: str,
+             amp: str = "none") -> dict:
     import torch
 
     from clpoison.attacks.cp import poison_step
     from clpoison.config import load_config
-    from clpoison.train.common import build_augment, build_method, build_optimizer, contrastive_loss
+    from clpoison.train.common import (autocast, build_augment, build_method, build_optimizer,
+                                       contrastive_loss)
 
     torch.manual_seed(0)
     torch.set_flush_denormal(True)  # as setup_runtime does in every run (see train/common.py)
-    cfg = load_config("mini", algorithm, {"model.width": width, "train.device": device})
+    cfg = load_config("mini", algorithm, {"model.width": width, "train.device": device,
+                                          "train.amp": amp})
     dev = torch.device(device)
     method = build_method(cfg).to(dev).to(memory_format=torch.channels_last)
     augment = build_augment(cfg, (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)).to(dev)
@@ -59,19 +64,21 @@ def run_case(case: str, width: int, batch: int, repeats: int, device: str, algor
 
     def step():
         if case == "plain":
-            loss = method(*views)
+            with autocast(cfg, dev):
+                loss = method(*views)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         elif case in ("model", "model-kornia"):
             xp = (x + delta[prow]).clamp(0, 1)
-            loss = contrastive_loss(method, augment, xp, gen)
+            loss = contrastive_loss(method, augment, xp, gen, amp=autocast(cfg, dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             method.on_step_end()
         else:
-            poison_step(method, augment, delta, x, prow, 0.1 * eps, eps, gen)
+            poison_step(method, augment, delta, x, prow, 0.1 * eps, eps, gen,
+                        amp=autocast(cfg, dev))
 
     if case.startswith("noise"):
         from clpoison.models import fuse_conv_bn
@@ -95,7 +102,7 @@ def run_case(case: str, width: int, batch: int, repeats: int, device: str, algor
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"case": case, "seconds_per_step": sec, "images_per_s": batch / sec, "peak_mb": peak_mb}
+    return {"case": case, "amp": amp, "seconds_per_step": sec, "images_per_s": batch / sec, "peak_mb": peak_mb}
 
 
 def main() -> None:
@@ -106,27 +113,34 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--algorithm", default="simclr")
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--amp", default="none", help="comma-separated train.amp values: none,bf16")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.width, args.batch, args.repeats, args.device,
-                                  args.algorithm)))
+                                  args.algorithm, args.amp)))
         return
     rows = []
-    for case in args.cases.split(","):
-        cmd = [sys.executable, __file__, "--case", case, "--width", str(args.width), "--batch",
-               str(args.batch), "--repeats", str(args.repeats), "--device", args.device,
-               "--algorithm", args.algorithm]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    plain = next((r for r in rows if r["case"] == "plain"), None)
+    for amp in args.amp.split(","):
+        for case in args.cases.split(","):
+            cmd = [sys.executable, __file__, "--case", case, "--width", str(args.width), "--batch",
+                   str(args.batch), "--repeats", str(args.repeats), "--device", args.device,
+                   "--algorithm", args.algorithm, "--amp", amp]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def plain(amp: str):
+        return next((r["seconds_per_step"] for r in rows if r["case"] == "plain" and r["amp"] == amp),
+                    float("nan"))
+
     print(f"CP step benchmark: {args.algorithm}, ResNet-18 width {args.width}, batch {args.batch} "
           f"images (= {2 * args.batch} views), device {args.device}")
-    print(f"{'case':<9} {'s/step':>8} {'img/s':>8} {'x plain':>8} {'peak MB':>9}")
+    print(f"{'case':<13} {'amp':<5} {'s/step':>8} {'img/s':>8} {'x plain':>8} {'x fp32 plain':>13} "
+          f"{'peak MB':>9}")
     for r in rows:
-        ratio = r["seconds_per_step"] / plain["seconds_per_step"] if plain else float("nan")
-        print(f"{r['case']:<9} {r['seconds_per_step']:8.3f} {r['images_per_s']:8.1f} {ratio:8.2f} "
-              f"{r['peak_mb']:9.0f}")
+        sec = r["seconds_per_step"]
+        print(f"{r['case']:<13} {r['amp']:<5} {sec:8.3f} {r['images_per_s']:8.1f} "
+              f"{sec / plain(r['amp']):8.2f} {sec / plain('none'):13.2f} {r['peak_mb']:9.0f}")
 
 
 if __name__ == "__main__":

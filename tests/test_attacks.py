@@ -275,3 +275,48 @@ def test_generator_cosine_ends_at_its_own_floor(tmp_path, small_cifar):
     with pytest.raises(ClpoisonError, match="min_lr_ratio"):
         generate_cp(load_config("mini", "simclr", tiny_overrides(**{"attack.min_lr_ratio": 2})),
                     tmp_path / "bad", attack="cp-s", train_set=train, progress=False)
+
+
+def test_ensemble_step_follows_the_normalised_sum_of_gradients():
+    # An ensemble step is sign(sum_k g_k / mean|g_k|): a network whose loss is scaled by 1000
+    # must not dominate, and a one-network "ensemble" equals the plain step.
+    from clpoison.attacks.pgd import signed_step
+
+    torch.manual_seed(0)
+    x = torch.full((8, 3, 32, 32), 0.5)                 # mid-grey: the [0, 1] clamp is inactive
+    prow = torch.arange(8)
+    w1, w2 = torch.randn(3, 32, 32), torch.randn(3, 32, 32)
+    loss_a = lambda xp: (xp * w1).sum()             # noqa: E731  gradient w1 (inside the clamp)
+    loss_b = lambda xp: 1000 * (xp * w2).sum()      # noqa: E731  gradient 1000 w2
+    start = torch.zeros(8, 3, 32, 32)
+    d_plain, d_one, d_two = start.clone(), start.clone(), start.clone()
+    signed_step(loss_a, d_plain, x, prow, 1.0, 1.0)
+    signed_step([loss_a], d_one, x, prow, 1.0, 1.0)
+    signed_step([loss_a, loss_b], d_two, x, prow, 1.0, 1.0)
+    assert torch.equal(d_plain, d_one)
+    want = -(w1 / w1.abs().mean() + w2 / w2.abs().mean()).sign()
+    assert torch.equal(d_two, want.expand_as(d_two))
+    assert not torch.equal(d_two, -w2.sign().expand_as(d_two))   # not the scaled network's alone
+
+
+def test_young_generators_restart_join_the_poison_step_and_resume(tmp_path, small_cifar):
+    train, _ = small_cifar
+    over = {"attack.cp-s.rounds": 4, "attack.cp-s.model_steps": 1, "attack.cp-s.noise_steps": 1,
+            "attack.cp-s.pgd_steps": 1, "attack.young_generators": 2, "attack.young_every": 2,
+            "attack.checkpoint_every": 1, "attack.log_every": 1, "attack.warm_start_epochs": 0}
+    cfg = load_config("mini", "simclr", tiny_overrides(**over))
+    full = generate_cp(cfg, tmp_path / "full", attack="cp-s", train_set=train, progress=False)
+    records = [json.loads(v) for v in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all("young_gap" in r for r in records if "round" in r)
+    alone = generate_cp(load_config("mini", "simclr", tiny_overrides(
+        **{**over, "attack.young_generators": 0})), tmp_path / "alone", attack="cp-s",
+        train_set=train, progress=False)
+    assert not torch.equal(full.perturbation, alone.perturbation)   # the young ones took part
+    assert generate_cp(cfg, tmp_path / "split", attack="cp-s", train_set=train, progress=False,
+                       stop_after=3) is None
+    resumed = generate_cp(cfg, tmp_path / "split", attack="cp-s", train_set=train, progress=False,
+                          resume=True)
+    assert torch.equal(full.perturbation, resumed.perturbation)
+    with pytest.raises(ClpoisonError, match="young_every"):
+        generate_cp(load_config("mini", "simclr", tiny_overrides(**{"attack.young_every": 0})),
+                    tmp_path / "bad", attack="cp-s", train_set=train, progress=False)

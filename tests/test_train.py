@@ -101,3 +101,30 @@ def test_paper_probe_reports_final_and_best(small_cifar):
     out = evaluate_encoder(build_encoder("resnet18", 4), train, test, cfg.eval, mean, std)
     assert out["probe"] == "paper" and 0 <= out["linear_final"] <= out["linear_best_over_epochs"] <= 100
     assert out["linear_best_over_epochs"] > 10  # above chance on 10 classes
+
+
+def test_bf16_autocast_on_cpu(tmp_path, small_cifar):
+    # train.amp=bf16 runs the forward in bfloat16 on a CPU too (oneDNN); fp16 is CUDA-only.
+    from clpoison.train.common import autocast
+
+    cfg = load_config("mini", "simclr", tiny_overrides(**{"train.amp": "bf16"}))
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with autocast(cfg, torch.device("cpu")):
+        assert conv(torch.rand(1, 3, 8, 8)).dtype == torch.bfloat16
+    with pytest.raises(ClpoisonError, match="bf16"):
+        autocast(load_config("mini", "simclr", tiny_overrides(**{"train.amp": "fp16"})),
+                 torch.device("cpu"))
+    # the same loss to bf16 precision on the same views, and a whole run trains (finite losses)
+    from clpoison.train.common import build_method
+
+    torch.manual_seed(0)
+    method = build_method(cfg).train()
+    views = torch.randn(2, 16, 3, 32, 32)
+    with autocast(cfg, torch.device("cpu")):
+        low = method(*views).item()
+    assert low != method(*views).item() and low == pytest.approx(method(*views).item(), rel=0.01)
+    train, test = small_cifar
+    pretrain(cfg, tmp_path / "bf16", train_set=train, probe_set=train, test_set=test,
+             progress=False, evaluate=False)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(4.0 < v < 4.2 for v in losses)   # log(63) = 4.14 at chance

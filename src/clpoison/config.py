@@ -80,7 +80,7 @@ class TrainConfig:
     device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
     threads: int | None = None        # torch intra-op threads on CPU; None: torch default
     channels_last: bool = True
-    amp: str = "none"                 # none | bf16 | fp16 (CUDA only)
+    amp: str = "none"                 # none | bf16 (CUDA or CPU) | fp16 (CUDA only)
     compile: bool = False             # torch.compile (CUDA only in practice)
     checkpoint_every: int = 10        # epochs; 0 = only at the end
 

@@ -69,6 +69,13 @@ class CPConfig:
     model_lr: float | None = None       # generator encoder lr; None: train.lr (the victim's)
     min_lr_ratio: float | None = None   # generator cosine ends at lr * this; None: train.min_lr_ratio
     warm_start_epochs: float = 0.0      # clean contrastive epochs before the first round
+    young_generators: int = 0           # extra generators restarted from a random init every
+                                        # young_every rounds (staggered), trained on the poisoned
+                                        # data with a victim's schedule: simulated young victims
+                                        # whose gradients join every poison step (an ensemble)
+    young_every: int = 8                # rounds in a young generator's life
+    young_bn_mode: str = "train"        # BN of young generators in poison steps (their running
+                                        # statistics lag their fast-moving weights)
     init: str = "uniform"               # uniform | zeros (ignored with an init poison file)
     continue_generator: bool = False    # story/matrix: CP-S continues the CP-C generator run
     start_from_cpc: bool = True         # story/matrix: CP-S starts from the CP-C poison (the
@@ -92,6 +99,11 @@ class CPConfig:
         if self.lr_schedule not in ("cosine", "constant", "victim"):
             raise ClpoisonError(f"attack.lr_schedule must be cosine, constant or victim, got "
                                 f"{self.lr_schedule!r}")
+        if self.young_generators < 0 or self.young_every < 1:
+            raise ClpoisonError(f"attack.young_generators must be >= 0 and attack.young_every >= 1 "
+                                f"round, got {self.young_generators} and {self.young_every}")
+        if self.young_bn_mode not in ("eval", "train"):
+            raise ClpoisonError(f"attack.young_bn_mode must be eval or train, got {self.young_bn_mode!r}")
         if self.restart_every < 0:
             raise ClpoisonError(f"attack.restart_every must be >= 0 rounds, got {self.restart_every}")
         if not 0 < self.epsilon <= 1:
@@ -130,10 +142,15 @@ def poison_step(method, augment, delta: torch.Tensor, x: torch.Tensor, prow: tor
 
     ``delta`` (K,C,H,W) pixel units; ``x`` clean batch in [0,1]; ``prow`` (B,) row per image.
     Only the (U,C,H,W) rows in the batch form the autograd leaf, so the gradient never has the
-    size of the whole poison. Weight gradients are not requested. Returns the loss before the step.
+    size of the whole poison. Weight gradients are not requested. ``method`` may be a list of
+    frozen generators (an ensemble: each sees its own fresh augmentations and their normalised
+    gradients are summed). Returns the (first generator's) loss before the step.
     """
-    return signed_step(lambda xp: contrastive_loss(method, augment, xp, generator, memory_format, amp),
-                       delta, x, prow, step, epsilon, descend=True)
+    methods = method if isinstance(method, (list, tuple)) else [method]
+    fns = [lambda xp, m=m: contrastive_loss(m, augment, xp, generator, memory_format, amp)
+           for m in methods]
+    return signed_step(fns[0] if len(fns) == 1 else fns, delta, x, prow, step, epsilon,
+                       descend=True)
 
 
 def _copy_momentum_state(src, dst) -> None:
@@ -216,6 +233,20 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
     total_model_steps = a.rounds * model_steps
     amp = lambda: autocast(cfg, device)  # noqa: E731
 
+    # Young generators: simulated victims in the first ``young_every`` rounds of their training
+    # (fresh random init, the victim's own lr schedule), restarted in turn. A poison tuned to a
+    # warm generator alone was picked up by some victim seeds and not others (README); their
+    # gradients make the poison one that any young network discovers.
+    victim_steps = t.epochs * per_epoch
+    youngs = []
+    for k in range(a.young_generators):
+        young = build_method(cfg).to(device).to(memory_format=memory_format)
+        youngs.append({"method": young, "optimizer": build_optimizer(young.online_parameters(), cfg),
+                       "offset": k * a.young_every // a.young_generators})
+
+    def young_age(k: int, round_index: int) -> int:
+        return (round_index + youngs[k]["offset"]) % a.young_every   # rounds since its restart
+
     out_dir.mkdir(parents=True, exist_ok=True)
     log = RunLogger(out_dir, quiet=not progress)
     start_round, model_step = 0, 0
@@ -236,6 +267,9 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         optimizer.load_state_dict(state["optimizer"])
         delta.copy_(state["delta"].to(device))
         start_round, model_step = int(state["round"]), int(state["model_step"])
+        for young, saved in zip(youngs, state.get("young", [])):
+            young["method"].load_state_dict(saved["method"])
+            young["optimizer"].load_state_dict(saved["optimizer"])
         truncate_metrics(out_dir, "round", start_round)
         log.info(f"resumed generation from {ckpt_path} at round {start_round}")
     log.info(f"{attack_name} with {cfg.ssl.algorithm}: {a.rounds} rounds x ({model_steps} model + "
@@ -246,11 +280,26 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         rows = rows.to(device)
         return images[rows].float().div_(255), row_of[rows]
 
-    def model_phase(n_steps: int, lr_fn, poisoned: bool = True) -> float:
+    def young_steps(x: torch.Tensor, round_index: int, step_in_round: int) -> None:
+        """One SGD step of every young generator on the poisoned batch ``x``, at its age's lr."""
+        for k, young in enumerate(youngs):
+            age_step = young_age(k, round_index) * model_steps + step_in_round
+            for group in young["optimizer"].param_groups:
+                group["lr"] = lr_at(age_step, victim_steps, round(t.warmup_epochs * per_epoch),
+                                    t.lr, t.min_lr_ratio)
+            young["method"].train()
+            gen = epoch_generator(device, seed, model_step, stream=4 + k)
+            loss = contrastive_loss(young["method"], augment, x, gen, memory_format, amp())
+            young["optimizer"].zero_grad(set_to_none=True)
+            loss.backward()
+            young["optimizer"].step()
+            young["method"].on_step_end()
+
+    def model_phase(n_steps: int, lr_fn, poisoned: bool = True, round_index: int = 0) -> float:
         nonlocal model_step
         method.train()
         loss_sum = torch.zeros((), device=device)
-        for _ in range(n_steps):
+        for i in range(n_steps):
             epoch, b = divmod(model_step, per_epoch)
             rows = sampler.batches(epoch)[b]
             x, prow = batch(rows)
@@ -264,33 +313,40 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
             loss.backward()
             optimizer.step()
             method.on_step_end()
+            if poisoned and youngs:
+                young_steps(x, round_index, i)
             loss_sum += loss.detach().float()
             model_step += 1
         return (loss_sum / max(1, n_steps)).item()
 
-    def noise_phase(round_index: int) -> float:
-        # The poison sees a frozen copy of the generator: weights need no gradient, and with BN
+    def frozen_copy(net, bn_mode: str):
+        # The poison sees a frozen copy of a generator: weights need no gradient, and with BN
         # in eval mode (the original's choice) BN is folded into the convolutions (~20% faster).
         # With bn_mode=train, batch statistics are used and the generator's running statistics
         # stay untouched because the copy is thrown away.
-        frozen = copy.deepcopy(method)
+        frozen = copy.deepcopy(net)
         for p in frozen.parameters():
             p.requires_grad_(False)
-        if a.bn_mode == "train":
+        if bn_mode == "train":
             frozen.train()
         elif a.noise_updates_momentum:
             frozen.eval()  # EMA of folded weights is not the fold of the EMA: keep BN separate
         else:
             frozen = fuse_conv_bn(frozen.eval()).to(memory_format=memory_format)
         frozen.target_branch_grad = a.dual_branch
+        return frozen
+
+    def noise_phase(round_index: int) -> float:
+        frozen = frozen_copy(method, a.bn_mode)
+        ensemble = [frozen] + [frozen_copy(y["method"], a.young_bn_mode) for y in youngs]
         step = a.step_size * a.epsilon
         gen = epoch_generator(device, seed, round_index, stream=2)
         loss_sum = torch.zeros((), device=device)
         for rows in sampler.batches(10_000_000 + round_index)[:noise_steps]:
             x, prow = batch(rows)
             for _ in range(a.pgd_steps):
-                loss = poison_step(frozen, augment, delta, x, prow, step, a.epsilon, gen,
-                                   memory_format, amp())
+                loss = poison_step(ensemble if youngs else frozen, augment, delta, x, prow, step,
+                                   a.epsilon, gen, memory_format, amp())
                 if a.noise_updates_momentum:
                     # the original's side effect: EMA and queue move during poison steps
                     frozen.on_step_end()
@@ -313,13 +369,28 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         seed_gap.set_state(state)
         pois = contrastive_loss(method, augment, (x + delta[prow]).clamp(0, 1), seed_gap,
                                 memory_format, amp()).item()
-        return {"clean_loss": round(clean, 5), "poisoned_loss": round(pois, 5),
-                "gap": round(clean - pois, 5)}
+        out = {"clean_loss": round(clean, 5), "poisoned_loss": round(pois, 5),
+               "gap": round(clean - pois, 5)}
+        if youngs:   # the same gap under the young generators (train-mode BN, on a copy)
+            gaps = []
+            for young in youngs:
+                net = copy.deepcopy(young["method"]).train()
+                seed_gap.set_state(state)
+                c = contrastive_loss(net, augment, x, seed_gap, memory_format, amp()).item()
+                seed_gap.set_state(state)
+                q = contrastive_loss(net, augment, (x + delta[prow]).clamp(0, 1), seed_gap,
+                                     memory_format, amp()).item()
+                gaps.append(c - q)
+            out["young_gap"] = round(sum(gaps) / len(gaps), 5)
+        return out
 
     def checkpoint(round_done: int) -> None:
         save_checkpoint(ckpt_path, {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                                     "delta": delta.cpu(), "round": round_done,
                                     "model_step": model_step, "signature": model_signature(cfg),
+                                    "young": [{"method": y["method"].state_dict(),
+                                               "optimizer": y["optimizer"].state_dict()}
+                                              for y in youngs],
                                     "resume_key": resume_key(cfg),
                                     "attack": asdict(a)})
 
@@ -353,12 +424,21 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         optimizer.state.clear()
         log.info(f"round {round_index + 1}: generator restarted from a random init")
 
+    def restart_young(k: int, round_index: int) -> None:
+        torch.manual_seed(seed * 7919 + 101 * k + round_index)
+        fresh = build_method(cfg).to(device).to(memory_format=memory_format)
+        youngs[k]["method"].load_state_dict(fresh.state_dict())
+        youngs[k]["optimizer"].state.clear()
+
     t_loop = time.time()
     bar = tqdm(range(start_round, a.rounds), desc=attack_name, disable=not progress, dynamic_ncols=True)
     for r in bar:
         if a.restart_every and r > 0 and r % a.restart_every == 0:
             restart(r)
-        m_loss = model_phase(model_steps, gen_lr)
+        for k, young in enumerate(youngs):
+            if r > 0 and young_age(k, r) == 0:
+                restart_young(k, r)
+        m_loss = model_phase(model_steps, gen_lr, round_index=r)
         n_loss = noise_phase(r)
         record = {"round": r + 1, "model_loss": round(m_loss, 5), "poison_loss": round(n_loss, 5),
                   "lr": gen_lr(model_step - 1), "seconds": round(time.time() - t_loop, 1)}
