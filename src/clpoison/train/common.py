@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,10 @@ def setup_runtime(cfg: Config) -> torch.device:
     # kernels 100x slower (a width-4 step went from 0.7 s to minutes). Flushing them to zero
     # changes results by less than float rounding. No effect on GPUs.
     torch.set_flush_denormal(True)
+    if (cfg.train.amp == "bf16" and device.type == "cpu"
+            and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        warnings.warn("train.amp=bf16 on a CPU without native bf16 (AVX512-BF16/AMX) is emulated "
+                      "and slow; pass --set train.amp=none to run in fp32", stacklevel=2)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
