@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Set up, then run the main job: the whole Contrastive Poisoning story on this machine's CPU
-# (clean SimCLR victim, CP-C poison, victim on the poisoned data, report).
-#   scripts/quickstart.sh                  # preset `mini` (a smoke run of minutes)
-#   PRESET=cpu scripts/quickstart.sh       # the CPU protocol: 2 seeds, CP-C and CP-S (~60 min;
-#                                          # a small, seed-dependent CP-S effect, see README)
+# (clean SimCLR victims, CP-C and CP-S poisons, victims on the poisoned data, random-noise
+# control, random-init floor, report).
+#   scripts/quickstart.sh                  # preset `cpu`: 2 seeds, CP-C and CP-S (~35 min on 2
+#                                          # cores with native bf16; see README "Measured")
+#   PRESET=mini scripts/quickstart.sh      # a smoke run of the pipeline (CP-C, 1 seed, no effect)
 # Extra arguments go to `clpoison story` (e.g. --seeds 0,1 --attacks cp-c,cp-s).
 . "$(dirname "$0")/_env.sh" test
-PRESET="${PRESET:-mini}"
+PRESET="${PRESET:-cpu}"
 OUT="${OUT:-runs/story-$PRESET}"
 download=()
 [ -e "$CLPOISON_DATA/cifar10_jpeg.tar.gz" ] || [ -e "$CLPOISON_DATA/cifar-10-python.tar.gz" ] || \

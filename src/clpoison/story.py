@@ -63,6 +63,10 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
                                "controls": list(controls), "versions": versions()})
 
     # --- poisons -------------------------------------------------------------------------------
+    n_victims = len(seeds) * (1 + len(attacks) + len(controls))
+    log(f"story: {len(attacks)} poison generation(s), then {n_victims} victims "
+        f"(clean, {', '.join(attacks + list(controls))} x seeds {list(seeds)}); each stage shows its "
+        f"own progress bar and time left, and a rerun continues where this one stops")
     poisons: dict[str, Path] = {}
     for attack in attacks:
         run_dir = out / "poisons" / attack
@@ -88,6 +92,7 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
     # --- victims (paired: same seed, init, batch order and augmentations across rows) -----------
     results: dict[str, list[dict]] = {"clean": []}
     floors = []
+    done_victims, victim_seconds = 0, []
     for seed in seeds:
         vcfg = load_config(preset, algorithm, list(overrides) + [f"train.seed={seed}"])
         rows = [("clean", None)] + [(name, p) for name, p in poisons.items()]
@@ -99,9 +104,15 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
                 train_set = clean_train
                 if path is not None:
                     train_set = load_poison(path, dataset=clean_train).poison_dataset(clean_train)
+                t_victim = time.time()
                 summary = pretrain(vcfg, run_dir, train_set=train_set, probe_set=clean_train,
                                    test_set=test, resume=run_dir.exists(), progress=progress,
                                    extra_summary={"data": name})
+                victim_seconds.append(time.time() - t_victim)
+                left = n_victims - done_victims - 1
+                log(f"== victim {done_victims + 1}/{n_victims} done in {victim_seconds[-1] / 60:.1f} "
+                    f"min; about {left * statistics.mean(victim_seconds) / 60:.0f} min of victims left")
+            done_victims += 1
             # the victim's last training loss: a poison the victim exploits lowers it (an early
             # indicator from the feasibility study; it says nothing about clean accuracy alone)
             results.setdefault(name, []).append({**summary["final"],
