@@ -234,9 +234,10 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
     amp = lambda: autocast(cfg, device)  # noqa: E731
 
     # Young generators: simulated victims in the first ``young_every`` rounds of their training
-    # (fresh random init, the victim's own lr schedule), restarted in turn. A poison tuned to a
-    # warm generator alone was picked up by some victim seeds and not others (README); their
-    # gradients make the poison one that any young network discovers.
+    # (fresh random init, the victim's own lr schedule), restarted in turn. The idea: a poison
+    # tuned to a warm generator alone was picked up by some victim seeds and not others, so let
+    # young networks, which are what a victim is when it discovers a shortcut, shape it too.
+    # Measured on the cpu preset: worse than the warm generator alone (README, try B).
     victim_steps = t.epochs * per_epoch
     youngs = []
     for k in range(a.young_generators):
