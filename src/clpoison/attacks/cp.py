@@ -281,20 +281,26 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         rows = rows.to(device)
         return images[rows].float().div_(255), row_of[rows]
 
+    def sgd_step(net, opt, lr: float, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """One contrastive SGD step of ``net`` on the batch ``x`` (already poisoned or clean)."""
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = contrastive_loss(net, augment, x, gen, memory_format, amp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        net.on_step_end()
+        return loss
+
     def young_steps(x: torch.Tensor, round_index: int, step_in_round: int) -> None:
         """One SGD step of every young generator on the poisoned batch ``x``, at its age's lr."""
         for k, young in enumerate(youngs):
             age_step = young_age(k, round_index) * model_steps + step_in_round
-            for group in young["optimizer"].param_groups:
-                group["lr"] = lr_at(age_step, victim_steps, round(t.warmup_epochs * per_epoch),
-                                    t.lr, t.min_lr_ratio)
             young["method"].train()
-            gen = epoch_generator(device, seed, model_step, stream=4 + k)
-            loss = contrastive_loss(young["method"], augment, x, gen, memory_format, amp())
-            young["optimizer"].zero_grad(set_to_none=True)
-            loss.backward()
-            young["optimizer"].step()
-            young["method"].on_step_end()
+            sgd_step(young["method"], young["optimizer"],
+                     lr_at(age_step, victim_steps, round(t.warmup_epochs * per_epoch), t.lr,
+                           t.min_lr_ratio),
+                     x, epoch_generator(device, seed, model_step, stream=4 + k))
 
     def model_phase(n_steps: int, lr_fn, poisoned: bool = True, round_index: int = 0) -> float:
         nonlocal model_step
@@ -306,14 +312,8 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
             x, prow = batch(rows)
             if poisoned:
                 x = (x + delta[prow]).clamp_(0, 1)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_fn(model_step)
-            gen = epoch_generator(device, seed, model_step, stream=1)
-            loss = contrastive_loss(method, augment, x, gen, memory_format, amp())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            method.on_step_end()
+            loss = sgd_step(method, optimizer, lr_fn(model_step), x,
+                            epoch_generator(device, seed, model_step, stream=1))
             if poisoned and youngs:
                 young_steps(x, round_index, i)
             loss_sum += loss.detach().float()
@@ -346,8 +346,8 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         for rows in sampler.batches(10_000_000 + round_index)[:noise_steps]:
             x, prow = batch(rows)
             for _ in range(a.pgd_steps):
-                loss = poison_step(ensemble if youngs else frozen, augment, delta, x, prow, step,
-                                   a.epsilon, gen, memory_format, amp())
+                loss = poison_step(ensemble, augment, delta, x, prow, step, a.epsilon, gen,
+                                   memory_format, amp())
                 if a.noise_updates_momentum:
                     # the original's side effect: EMA and queue move during poison steps
                     frozen.on_step_end()
@@ -361,27 +361,23 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
     probe_rows = sampler.batches(20_000_000)[0]
 
     @torch.no_grad()
+    def clean_and_poisoned_loss(net) -> tuple[float, float]:
+        """``net``'s loss on the probe batch, clean and poisoned, with the same augmentations."""
+        x, prow = batch(probe_rows)
+        losses = []
+        for xin in (x, (x + delta[prow]).clamp(0, 1)):
+            gen = epoch_generator(device, seed, 0, stream=3)   # replayed: identical views
+            losses.append(contrastive_loss(net, augment, xin, gen, memory_format, amp()).item())
+        return losses[0], losses[1]
+
     def loss_gap() -> dict:
         method.eval()
-        x, prow = batch(probe_rows)
-        seed_gap = epoch_generator(device, seed, 0, stream=3)
-        state = seed_gap.get_state()
-        clean = contrastive_loss(method, augment, x, seed_gap, memory_format, amp()).item()
-        seed_gap.set_state(state)
-        pois = contrastive_loss(method, augment, (x + delta[prow]).clamp(0, 1), seed_gap,
-                                memory_format, amp()).item()
+        clean, pois = clean_and_poisoned_loss(method)
         out = {"clean_loss": round(clean, 5), "poisoned_loss": round(pois, 5),
                "gap": round(clean - pois, 5)}
         if youngs:   # the same gap under the young generators (train-mode BN, on a copy)
-            gaps = []
-            for young in youngs:
-                net = copy.deepcopy(young["method"]).train()
-                seed_gap.set_state(state)
-                c = contrastive_loss(net, augment, x, seed_gap, memory_format, amp()).item()
-                seed_gap.set_state(state)
-                q = contrastive_loss(net, augment, (x + delta[prow]).clamp(0, 1), seed_gap,
-                                     memory_format, amp()).item()
-                gaps.append(c - q)
+            gaps = [c - q for c, q in (clean_and_poisoned_loss(copy.deepcopy(y["method"]).train())
+                                       for y in youngs)]
             out["young_gap"] = round(sum(gaps) / len(gaps), 5)
         return out
 
@@ -417,19 +413,19 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
                          round(t.warmup_epochs * per_epoch), base_lr, min_ratio)
         return lr_at(pos, total_model_steps, 0, base_lr, min_ratio)
 
-    def restart(round_index: int) -> None:
-        """A fresh generator, as a new victim would start: random init, empty optimiser state."""
-        torch.manual_seed(seed * 7 + round_index)
+    def reinitialise(net, opt, init_seed: int) -> None:
+        """A fresh network, as a new victim would start: random init, empty optimiser state."""
+        torch.manual_seed(init_seed)
         fresh = build_method(cfg).to(device).to(memory_format=memory_format)
-        method.load_state_dict(fresh.state_dict())
-        optimizer.state.clear()
+        net.load_state_dict(fresh.state_dict())
+        opt.state.clear()
+
+    def restart(round_index: int) -> None:
+        reinitialise(method, optimizer, seed * 7 + round_index)
         log.info(f"round {round_index + 1}: generator restarted from a random init")
 
     def restart_young(k: int, round_index: int) -> None:
-        torch.manual_seed(seed * 7919 + 101 * k + round_index)
-        fresh = build_method(cfg).to(device).to(memory_format=memory_format)
-        youngs[k]["method"].load_state_dict(fresh.state_dict())
-        youngs[k]["optimizer"].state.clear()
+        reinitialise(youngs[k]["method"], youngs[k]["optimizer"], seed * 7919 + 101 * k + round_index)
 
     t_loop = time.time()
     bar = tqdm(range(start_round, a.rounds), desc=attack_name, disable=not progress, dynamic_ncols=True)

@@ -85,7 +85,7 @@ def memory_format(cfg: Config, device: torch.device) -> torch.memory_format:
 def autocast(cfg: Config, device: torch.device):
     """Mixed precision for the forward pass, per ``train.amp``: ``bf16`` on CUDA or on a CPU
     (oneDNN runs bf16 convolutions natively on CPUs with AVX512-BF16/AMX: a width-16 CIFAR
-    ResNet-18 step was 2.7x faster than fp32 on this project's 2-core machine, width 8 1.6x;
+    ResNet-18 step was 2.6x faster than fp32 on this project's 2-core machine, width 8 1.6x;
     ``bench/bench_cp.py --amp bf16``), ``fp16`` on CUDA only. Weights, optimiser state and the
     poison stay fp32; only the autocast ops run in low precision."""
     if cfg.train.amp == "none":
