@@ -29,3 +29,35 @@ def test_story_writes_report_and_refuses_changed_settings(tmp_path, small_cifar,
     with pytest.raises(ClpoisonError, match="other settings"):
         story.run_story("mini", tmp_path / "s", seeds=[0], attacks=["cp-c"],
                         overrides=over + ["train.lr=0.2"], progress=False, log=lambda m: None)
+
+
+def test_story_plan_counts_every_stage_in_training_steps():
+    from clpoison.config import load_config
+
+    cfg = load_config("mini", "simclr", [])    # 5,000 images, batch 256 -> 20 steps per epoch
+    victim = story.stage_steps(cfg, 5000, 10000)
+    assert victim == pytest.approx(15 * 20 + 15000 / 256 * story.VIEW_FORWARD_COST)
+    with_floor = story.stage_steps(cfg, 5000, 10000, floor=True)
+    assert with_floor - victim == pytest.approx(15000 / 256 * story.VIEW_FORWARD_COST)
+    # CP-C: 5-epoch warm start + 10 rounds x (10 model + 10 batches x 1 PGD step)
+    assert story.stage_steps(cfg, 5000, 10000, attack="cp-c") == pytest.approx(
+        100 + 10 * (10 + 10 * story.NOISE_STEP_COST))
+    # CP-S: its noise phase is one epoch (20 batches) of 2 PGD steps per round
+    assert story.stage_steps(cfg, 5000, 10000, attack="cp-s") == pytest.approx(
+        100 + 5 * (10 + 20 * 2 * story.NOISE_STEP_COST))
+
+
+def test_story_says_how_long_it_will_take(tmp_path, small_cifar, monkeypatch):
+    monkeypatch.setattr(story, "load_data", lambda cfg: small_cifar)
+    over = [f"{k}={v}" for k, v in tiny_overrides(**{
+        "train.epochs": 1, "attack.warm_start_epochs": 0, "attack.cp-c.rounds": 1,
+        "attack.cp-c.model_steps": 1, "attack.cp-c.noise_steps": 1}).items()]
+    first, second = [], []
+    story.run_story("mini", tmp_path / "s", seeds=[0], attacks=["cp-c"], overrides=over,
+                    progress=False, log=first.append)
+    plan = re.search(r"about (\d+) min left on this machine \((\d+) training steps of ([\d.]+) s",
+                     first[0])
+    assert plan and int(plan.group(2)) > 0 and float(plan.group(3)) > 0
+    story.run_story("mini", tmp_path / "s", seeds=[0], attacks=["cp-c"], overrides=over,
+                    progress=False, log=second.append)    # everything finished: nothing left
+    assert "about 0 min left on this machine (0 training steps" in second[0]

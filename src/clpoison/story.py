@@ -12,9 +12,12 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
+
+import torch
 
 from clpoison.attacks import Poison, cp_config, generate_cp, load_poison, random_noise
 from clpoison.attacks.cp import POISON_FILE
@@ -35,6 +38,63 @@ def _done(folder: Path) -> dict | None:
 def random_noise_poison(train_set, epsilon: float, seed: int) -> Poison:
     """The control every table needs: uniform noise in [-eps, eps], one pattern per image."""
     return random_noise(train_set, epsilon, "sample", seed=seed)
+
+
+# Costs in units of one training step (two views of a batch, forward + backward + SGD):
+NOISE_STEP_COST = 0.6    # a poison step: backward to the pixels only (bench/bench_cp.py: 0.5-0.7x)
+VIEW_FORWARD_COST = 1 / 6   # one view forward-only, as in feature extraction for the evaluation
+
+
+def time_training_step(cfg, images, repeats: int = 2) -> float:
+    """Seconds per training step of ``cfg``'s algorithm on this machine: one warm-up step, then
+    the mean of ``repeats`` steps on the first ``train.batch_size`` of ``images`` (uint8)."""
+    from clpoison.data import normalization_stats
+    from clpoison.train.common import (autocast, build_augment, build_method, build_optimizer,
+                                       contrastive_loss, memory_format, setup_runtime)
+
+    device = setup_runtime(cfg)
+    fmt = memory_format(cfg, device)
+    method = build_method(cfg).to(device).to(memory_format=fmt)
+    augment = build_augment(cfg, *normalization_stats(cfg.data.dataset)).to(device)
+    optimizer = build_optimizer(method.online_parameters(), cfg)
+    x = images[: cfg.train.batch_size].to(device).float().div_(255)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step() -> None:
+        loss = contrastive_loss(method, augment, x, gen, fmt, autocast(cfg, device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        method.on_step_end()
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / repeats
+
+
+def stage_steps(cfg, n_train: int, n_test: int, *, attack: str | None = None,
+                floor: bool = False) -> float:
+    """A stage's cost in training steps: a CP generation (``attack``) or, with ``attack=None``,
+    one victim (training, evaluation, and the random-init floor when ``floor``)."""
+    per_epoch = math.ceil(n_train / cfg.train.batch_size)
+    if attack is None:
+        evals = 2 if floor else 1
+        eval_steps = evals * (n_train + n_test) / cfg.train.batch_size * VIEW_FORWARD_COST
+        if cfg.eval.probe == "paper":   # its SGD epochs push augmented images through the encoder
+            eval_steps += cfg.eval.probe_epochs * per_epoch * VIEW_FORWARD_COST / 2
+        return cfg.train.epochs * per_epoch + eval_steps
+    c = cp_config(cfg, attack).resolved()
+    model_steps = c.model_steps if c.model_steps is not None else per_epoch
+    noise_steps = c.noise_steps if c.noise_steps is not None else per_epoch
+    young = 1 + c.young_generators
+    return (c.warm_start_epochs * per_epoch
+            + c.rounds * young * (model_steps + noise_steps * c.pgd_steps * NOISE_STEP_COST))
 
 
 def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=(0,),
@@ -62,11 +122,23 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
     write_json_atomic(record, {**settings, "seeds": list(seeds), "attacks": attacks,
                                "controls": list(controls), "versions": versions()})
 
-    # --- poisons -------------------------------------------------------------------------------
+    # --- the plan and how long it will take on this machine (finished stages are skipped) -----
     n_victims = len(seeds) * (1 + len(attacks) + len(controls))
+    todo = sum(stage_steps(cfg, len(clean_train), len(test), attack=a) for a in attacks
+               if not (out / "poisons" / a / POISON_FILE).exists())
+    for seed in seeds:
+        for name in ["clean"] + attacks + list(controls):
+            if _done(out / "victims" / f"{name}-seed{seed}") is None:
+                todo += stage_steps(cfg, len(clean_train), len(test), floor=name == "clean")
+    with torch.random.fork_rng(devices=[]):   # timing must not move the seeded runs' RNG
+        step_seconds = time_training_step(cfg, clean_train.images) if todo else 0.0
     log(f"story: {len(attacks)} poison generation(s), then {n_victims} victims "
-        f"(clean, {', '.join(attacks + list(controls))} x seeds {list(seeds)}); each stage shows its "
-        f"own progress bar and time left, and a rerun continues where this one stops")
+        f"(clean, {', '.join(attacks + list(controls))} x seeds {list(seeds)}); about "
+        f"{todo * step_seconds / 60:.0f} min left on this machine ({todo:.0f} training steps of "
+        f"{step_seconds:.2f} s, timed just now); each stage shows its own progress bar and time "
+        f"left, and a rerun continues where this one stops")
+
+    # --- poisons -------------------------------------------------------------------------------
     poisons: dict[str, Path] = {}
     for attack in attacks:
         run_dir = out / "poisons" / attack
