@@ -58,6 +58,7 @@ def test_story_says_how_long_it_will_take(tmp_path, small_cifar, monkeypatch):
     plan = re.search(r"about (\d+) min left on this machine \((\d+) training steps of ([\d.]+) s",
                      first[0])
     assert plan and int(plan.group(2)) > 0 and float(plan.group(3)) > 0
+    assert re.search(r"a poison step costs \d+\.\d\d of one", first[0])   # timed, not assumed
     story.run_story("mini", tmp_path / "s", seeds=[0], attacks=["cp-c"], overrides=over,
                     progress=False, log=second.append)    # everything finished: nothing left
     assert "about 0 min left on this machine (0 training steps" in second[0]

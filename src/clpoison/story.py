@@ -41,14 +41,20 @@ def random_noise_poison(train_set, epsilon: float, seed: int) -> Poison:
 
 
 # Costs in units of one training step (two views of a batch, forward + backward + SGD):
-NOISE_STEP_COST = 0.6    # a poison step: backward to the pixels only (bench/bench_cp.py: 0.5-0.7x)
+NOISE_STEP_COST = 0.6    # a poison step, unless timed: backward to the pixels only (bench_cp: 0.5-0.7x)
 VIEW_FORWARD_COST = 1 / 6   # one view forward-only, as in feature extraction for the evaluation
 
 
-def time_training_step(cfg, images, repeats: int = 2) -> float:
-    """Seconds per training step of ``cfg``'s algorithm on this machine: one warm-up step, then
-    the mean of ``repeats`` steps on the first ``train.batch_size`` of ``images`` (uint8)."""
+def time_steps(cfg, images, repeats: int = 3, poison: bool = True) -> tuple[float, float | None]:
+    """Seconds per training step and per CP poison step (None unless ``poison``) of ``cfg``'s
+    algorithm on this machine: one warm-up step, then the mean of ``repeats`` steps on the first
+    ``train.batch_size`` of ``images`` (uint8). The poison step runs on a frozen, BN-folded copy
+    with the preset's dual-branch setting, as generation does."""
+    import copy
+
+    from clpoison.attacks.cp import poison_step
     from clpoison.data import normalization_stats
+    from clpoison.models import fuse_conv_bn
     from clpoison.train.common import (autocast, build_augment, build_method, build_optimizer,
                                        contrastive_loss, memory_format, setup_runtime)
 
@@ -60,26 +66,41 @@ def time_training_step(cfg, images, repeats: int = 2) -> float:
     x = images[: cfg.train.batch_size].to(device).float().div_(255)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def step() -> None:
+    def train_step() -> None:
         loss = contrastive_loss(method, augment, x, gen, fmt, autocast(cfg, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         method.on_step_end()
 
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) / repeats
+    def timed(fn) -> float:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / repeats
+
+    train_seconds = timed(train_step)
+    if not poison:
+        return train_seconds, None
+    a = cp_config(cfg, "cp-s").resolved()
+    frozen = fuse_conv_bn(copy.deepcopy(method).eval()).to(memory_format=fmt)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    frozen.target_branch_grad = a.dual_branch
+    delta = torch.zeros_like(x)
+    rows = torch.arange(len(x), device=device)
+    return train_seconds, timed(lambda: poison_step(
+        frozen, augment, delta, x, rows, a.step_size * a.epsilon, a.epsilon, gen, fmt,
+        autocast(cfg, device)))
 
 
 def stage_steps(cfg, n_train: int, n_test: int, *, attack: str | None = None,
-                floor: bool = False) -> float:
+                floor: bool = False, noise_cost: float = NOISE_STEP_COST) -> float:
     """A stage's cost in training steps: a CP generation (``attack``) or, with ``attack=None``,
     one victim (training, evaluation, and the random-init floor when ``floor``)."""
     per_epoch = math.ceil(n_train / cfg.train.batch_size)
@@ -94,7 +115,7 @@ def stage_steps(cfg, n_train: int, n_test: int, *, attack: str | None = None,
     noise_steps = c.noise_steps if c.noise_steps is not None else per_epoch
     young = 1 + c.young_generators
     return (c.warm_start_epochs * per_epoch
-            + c.rounds * young * (model_steps + noise_steps * c.pgd_steps * NOISE_STEP_COST))
+            + c.rounds * young * (model_steps + noise_steps * c.pgd_steps * noise_cost))
 
 
 def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=(0,),
@@ -124,19 +145,25 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
 
     # --- the plan and how long it will take on this machine (finished stages are skipped) -----
     n_victims = len(seeds) * (1 + len(attacks) + len(controls))
-    todo = sum(stage_steps(cfg, len(clean_train), len(test), attack=a) for a in attacks
-               if not (out / "poisons" / a / POISON_FILE).exists())
-    for seed in seeds:
-        for name in ["clean"] + attacks + list(controls):
-            if _done(out / "victims" / f"{name}-seed{seed}") is None:
-                todo += stage_steps(cfg, len(clean_train), len(test), floor=name == "clean")
-    with torch.random.fork_rng(devices=[]):   # timing must not move the seeded runs' RNG
-        step_seconds = time_training_step(cfg, clean_train.images) if todo else 0.0
+    gens = [a for a in attacks if not (out / "poisons" / a / POISON_FILE).exists()]
+    victims_left = [name for seed in seeds for name in ["clean"] + attacks + list(controls)
+                    if _done(out / "victims" / f"{name}-seed{seed}") is None]
+    step_seconds, noise_seconds = 0.0, None
+    if gens or victims_left:
+        with torch.random.fork_rng(devices=[]):   # timing must not move the seeded runs' RNG
+            step_seconds, noise_seconds = time_steps(cfg, clean_train.images, poison=bool(gens))
+    noise_cost = noise_seconds / step_seconds if noise_seconds else NOISE_STEP_COST
+    todo = sum(stage_steps(cfg, len(clean_train), len(test), attack=a, noise_cost=noise_cost)
+               for a in gens)
+    todo += sum(stage_steps(cfg, len(clean_train), len(test), floor=name == "clean")
+                for name in victims_left)
     log(f"story: {len(attacks)} poison generation(s), then {n_victims} victims "
         f"(clean, {', '.join(attacks + list(controls))} x seeds {list(seeds)}); about "
         f"{todo * step_seconds / 60:.0f} min left on this machine ({todo:.0f} training steps of "
-        f"{step_seconds:.2f} s, timed just now); each stage shows its own progress bar and time "
-        f"left, and a rerun continues where this one stops")
+        f"{step_seconds:.2f} s, timed just now"
+        + (f"; a poison step costs {noise_cost:.2f} of one" if noise_seconds else "")
+        + "); each stage shows its own progress bar and time left, and a rerun continues where "
+        "this one stops")
 
     # --- poisons -------------------------------------------------------------------------------
     poisons: dict[str, Path] = {}
