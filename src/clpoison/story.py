@@ -102,7 +102,8 @@ def time_steps(cfg, images, repeats: int = 3, poison: bool = True) -> tuple[floa
 def stage_steps(cfg, n_train: int, n_test: int, *, attack: str | None = None,
                 floor: bool = False, noise_cost: float = NOISE_STEP_COST) -> float:
     """A stage's cost in training steps: a CP generation (``attack``) or, with ``attack=None``,
-    one victim (training, evaluation, and the random-init floor when ``floor``)."""
+    one victim (training, evaluation, and the random-init floor when ``floor``: every victim
+    evaluates its untouched network, the story reports the clean victims')."""
     per_epoch = math.ceil(n_train / cfg.train.batch_size)
     if attack is None:
         evals = 2 if floor else 1
@@ -155,8 +156,8 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
     noise_cost = noise_seconds / step_seconds if noise_seconds else NOISE_STEP_COST
     todo = sum(stage_steps(cfg, len(clean_train), len(test), attack=a, noise_cost=noise_cost)
                for a in gens)
-    todo += sum(stage_steps(cfg, len(clean_train), len(test), floor=name == "clean")
-                for name in victims_left)
+    todo += len(victims_left) * stage_steps(cfg, len(clean_train), len(test),
+                                            floor=cfg.eval.random_init_floor)
     log(f"story: {len(attacks)} poison generation(s), then {n_victims} victims "
         f"(clean, {', '.join(attacks + list(controls))} x seeds {list(seeds)}); about "
         f"{todo * step_seconds / 60:.0f} min left on this machine ({todo:.0f} training steps of "
