@@ -278,9 +278,11 @@ def _report(preset, algorithm, seeds, results, floors, n_train, n_test, seconds,
     if floors:
         lines.append(f"| random-init encoder (floor) | {_fmt([f['linear_final'] for f in floors])} | "
                      f"{_fmt([f['knn'] for f in floors])} | | | |")
+    # InfoNCE losses are in nats; BYOL's is a negative cosine similarity
+    unit = "cosine similarity" if algorithm == "byol" else "nats"
     for name, g in (generation or {}).items():
         lines.append(f"\n{name} generation: {g['minutes']:.1f} min, generator's clean-minus-poisoned "
-                     f"loss gap {g['gap']:.3f} nats.")
+                     f"loss gap {g['gap']:.3f} ({unit}).")
     lines += ["", f"Wall time of this call: {seconds / 60:.1f} min (finished stages are reused)."]
     if picture is not None:
         lines += ["", f"![poison]({picture.name})", "",
