@@ -34,17 +34,17 @@ def test_story_writes_report_and_refuses_changed_settings(tmp_path, small_cifar,
 def test_story_plan_counts_every_stage_in_training_steps():
     from clpoison.config import load_config
 
-    cfg = load_config("mini", "simclr", [])    # 5,000 images, batch 256 -> 20 steps per epoch
+    cfg = load_config("mini", "simclr", [])    # 5,000 images, batch 256 -> 19 full batches an epoch
     victim = story.stage_steps(cfg, 5000, 10000)
-    assert victim == pytest.approx(15 * 20 + 15000 / 256 * story.VIEW_FORWARD_COST)
+    assert victim == pytest.approx(15 * 19 + 15000 / 256 * story.VIEW_FORWARD_COST)
     with_floor = story.stage_steps(cfg, 5000, 10000, floor=True)
     assert with_floor - victim == pytest.approx(15000 / 256 * story.VIEW_FORWARD_COST)
     # CP-C: 5-epoch warm start + 10 rounds x (10 model + 10 batches x 1 PGD step)
     assert story.stage_steps(cfg, 5000, 10000, attack="cp-c") == pytest.approx(
-        100 + 10 * (10 + 10 * story.NOISE_STEP_COST))
-    # CP-S: its noise phase is one epoch (20 batches) of 2 PGD steps per round
+        95 + 10 * (10 + 10 * story.NOISE_STEP_COST))
+    # CP-S: its noise phase is one epoch (19 batches) of 2 PGD steps per round
     assert story.stage_steps(cfg, 5000, 10000, attack="cp-s") == pytest.approx(
-        100 + 5 * (10 + 20 * 2 * story.NOISE_STEP_COST))
+        95 + 5 * (10 + 19 * 2 * story.NOISE_STEP_COST))
 
 
 def test_story_says_how_long_it_will_take(tmp_path, small_cifar, monkeypatch):

@@ -12,7 +12,6 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -104,7 +103,7 @@ def stage_steps(cfg, n_train: int, n_test: int, *, attack: str | None = None,
     """A stage's cost in training steps: a CP generation (``attack``) or, with ``attack=None``,
     one victim (training, evaluation, and the random-init floor when ``floor``: every victim
     evaluates its untouched network, the story reports the clean victims')."""
-    per_epoch = math.ceil(n_train / cfg.train.batch_size)
+    per_epoch = max(1, n_train // cfg.train.batch_size)   # EpochSampler drops the last batch
     if attack is None:
         evals = 2 if floor else 1
         eval_steps = evals * (n_train + n_test) / cfg.train.batch_size * VIEW_FORWARD_COST
