@@ -4,7 +4,8 @@
 # control, random-init floor, report).
 #   scripts/quickstart.sh                  # preset `cpu`: 2 seeds, CP-C and CP-S (~50 min on 2
 #                                          # cores with native bf16; see README "Measured")
-#   PRESET=mini scripts/quickstart.sh      # a smoke run of the pipeline (CP-C, 1 seed, no effect)
+#   PRESET=mini scripts/quickstart.sh      # a smoke run of the pipeline (CP-C and CP-S, 1 seed,
+#                                          # ~11 min, no effect)
 # Extra arguments go to `clpoison story` (e.g. --seeds 0,1 --attacks cp-c,cp-s).
 . "$(dirname "$0")/_env.sh" test
 PRESET="${PRESET:-cpu}"
@@ -14,6 +15,12 @@ download=()
   [ -d "$CLPOISON_DATA/cifar-10-batches-py" ] || download=(--download)
 echo "clpoison story, preset $PRESET -> $OUT (data: $CLPOISON_DATA); rerun to resume." >&2
 args=("$@")
-# the cpu protocol is two seeds of CP-C and CP-S unless told otherwise
-[ "$PRESET" = cpu ] && [ $# -eq 0 ] && args=(--seeds 0,1 --attacks cp-c,cp-s)
+# the cpu protocol is two seeds of CP-C and CP-S, the mini smoke run one seed of both, unless told
+# otherwise
+if [ $# -eq 0 ]; then
+  case "$PRESET" in
+    cpu) args=(--seeds 0,1 --attacks cp-c,cp-s) ;;
+    mini) args=(--seeds 0 --attacks cp-c,cp-s) ;;
+  esac
+fi
 exec clpoison story --preset "$PRESET" --out "$OUT" "${download[@]}" "${args[@]}"
