@@ -49,11 +49,8 @@ def time_steps(cfg, images, repeats: int = 3, poison: bool = True) -> tuple[floa
     algorithm on this machine: one warm-up step, then the mean of ``repeats`` steps on the first
     ``train.batch_size`` of ``images`` (uint8). The poison step runs on a frozen, BN-folded copy
     with the preset's dual-branch setting, as generation does."""
-    import copy
-
-    from clpoison.attacks.cp import poison_step
+    from clpoison.attacks.cp import frozen_generator, poison_step
     from clpoison.data import normalization_stats
-    from clpoison.models import fuse_conv_bn
     from clpoison.train.common import (autocast, build_augment, build_method, build_optimizer,
                                        contrastive_loss, memory_format, setup_runtime)
 
@@ -87,10 +84,8 @@ def time_steps(cfg, images, repeats: int = 3, poison: bool = True) -> tuple[floa
     if not poison:
         return train_seconds, None
     a = cp_config(cfg, "cp-s").resolved()
-    frozen = fuse_conv_bn(copy.deepcopy(method).eval()).to(memory_format=fmt)
-    for p in frozen.parameters():
-        p.requires_grad_(False)
-    frozen.target_branch_grad = a.dual_branch
+    frozen = frozen_generator(method, a.bn_mode, a.dual_branch, fmt,
+                              fold=not a.noise_updates_momentum)
     delta = torch.zeros_like(x)
     rows = torch.arange(len(x), device=device)
     return train_seconds, timed(lambda: poison_step(

@@ -153,6 +153,26 @@ def poison_step(method, augment, delta: torch.Tensor, x: torch.Tensor, prow: tor
                        descend=True)
 
 
+def frozen_generator(net, bn_mode: str, dual_branch: bool, memory_format=torch.channels_last,
+                     fold: bool = True):
+    """The frozen copy of a generator that poison steps see: weights need no gradient, and with
+    BN in eval mode (the original's choice) BN is folded into the convolutions (~20% faster;
+    ``fold=False`` keeps it separate, as the EMA of folded weights is not the fold of the EMA).
+    With ``bn_mode=train`` batch statistics are used and the generator's running statistics
+    stay untouched because the copy is thrown away."""
+    frozen = copy.deepcopy(net)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    if bn_mode == "train":
+        frozen.train()
+    elif not fold:
+        frozen.eval()
+    else:
+        frozen = fuse_conv_bn(frozen.eval()).to(memory_format=memory_format)
+    frozen.target_branch_grad = dual_branch
+    return frozen
+
+
 def _copy_momentum_state(src, dst) -> None:
     """Carry the target/key encoders and the queue moved during poison steps back (original mode)."""
     own = dict(dst.named_parameters())
@@ -321,21 +341,8 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
         return (loss_sum / max(1, n_steps)).item()
 
     def frozen_copy(net, bn_mode: str):
-        # The poison sees a frozen copy of a generator: weights need no gradient, and with BN
-        # in eval mode (the original's choice) BN is folded into the convolutions (~20% faster).
-        # With bn_mode=train, batch statistics are used and the generator's running statistics
-        # stay untouched because the copy is thrown away.
-        frozen = copy.deepcopy(net)
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-        if bn_mode == "train":
-            frozen.train()
-        elif a.noise_updates_momentum:
-            frozen.eval()  # EMA of folded weights is not the fold of the EMA: keep BN separate
-        else:
-            frozen = fuse_conv_bn(frozen.eval()).to(memory_format=memory_format)
-        frozen.target_branch_grad = a.dual_branch
-        return frozen
+        return frozen_generator(net, bn_mode, a.dual_branch, memory_format,
+                                fold=not a.noise_updates_momentum)
 
     def noise_phase(round_index: int) -> float:
         frozen = frozen_copy(method, a.bn_mode)
