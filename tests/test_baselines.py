@@ -1,6 +1,7 @@
 """Supervised victims, the baseline attacks (UE, AP, random) and the evaluation matrix."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +200,46 @@ def test_matrix_reuses_cells_and_refuses_mismatch(tmp_path, small_cifar, monkeyp
         run_matrix("mini", tmp_path / "m", attacks=["clean"], victims=["dino"], seeds=[0],
                    overrides=over, progress=False, log=lambda m: None)
     assert len(calls) == 4
+
+
+def test_matrix_reuses_finished_victims_of_other_runs(tmp_path, small_cifar, monkeypatch):
+    """--reuse copies in a finished victim only when poison file and settings both match."""
+    import clpoison.matrix as matrix
+
+    train, test = small_cifar
+    monkeypatch.setattr(matrix, "load_data", lambda cfg: (train, test))
+    over = [f"{k}={v}" for k, v in tiny_overrides(**{"train.epochs": 1}).items()]
+    cfg = load_config("mini", "supervised", over + ["train.seed=0"])
+    # a story-like folder: a poison in poisons/<name>/ and victims that name their row
+    story = tmp_path / "story"
+    poison = Poison.for_dataset("class", EPS, train, generator=torch.Generator().manual_seed(3),
+                                attack="random-c")
+    poison.save(story / "poisons" / "noise" / "poison.safetensors")
+    train_victim(cfg, story / "victims" / "clean-seed0", train_set=train, probe_set=train,
+                 test_set=test, progress=False, extra_summary={"data": "clean"})
+    train_victim(cfg, story / "victims" / "noise-seed0", train_set=poison.poison_dataset(train),
+                 probe_set=train, test_set=test, progress=False, extra_summary={"data": "noise"})
+    calls = []
+    monkeypatch.setattr(matrix, "train_victim",
+                        lambda cfg, run_dir, **kw: calls.append(str(run_dir)) or train_victim(
+                            cfg, run_dir, **kw))
+    rows = ["clean", f"noise={story / 'poisons' / 'noise' / 'poison.safetensors'}", "random-c"]
+    md = run_matrix("mini", tmp_path / "m", attacks=rows, victims=["supervised"], seeds=[0, 1],
+                    overrides=over, reuse=[story], progress=False, log=lambda m: None)
+    # seed 0 of clean and noise came from the story; seed 1 and the other poison were trained
+    assert sorted(Path(c).relative_to(tmp_path / "m").as_posix() for c in calls) == [
+        "victims/clean/supervised/seed1", "victims/noise/supervised/seed1",
+        "victims/random-c/supervised/seed0", "victims/random-c/supervised/seed1"]
+    adopted = json.loads((tmp_path / "m" / "victims" / "noise" / "supervised" / "seed0" /
+                          "summary.json").read_text())
+    original = json.loads((story / "victims" / "noise-seed0" / "summary.json").read_text())
+    assert adopted["final"] == original["final"]
+    assert adopted["adopted_from"] == str(story / "victims" / "noise-seed0")
+    assert adopted["poison_sha256"] == matrix._sha256(story / "poisons" / "noise" / "poison.safetensors")
+    assert "| noise |" in md.read_text()
+    with pytest.raises(ClpoisonError, match="no such folder"):
+        run_matrix("mini", tmp_path / "m2", attacks=["clean"], victims=["supervised"], seeds=[0],
+                   overrides=over, reuse=[tmp_path / "nowhere"], progress=False, log=lambda m: None)
 
 
 def test_eval_explains_supervised_checkpoints(tmp_path, small_cifar, capsys):

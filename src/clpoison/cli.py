@@ -151,7 +151,9 @@ def cmd_matrix(args) -> int:
     table = run_matrix(args.preset, args.out, attacks=args.attacks.split(","),
                        victims=[v for v in args.victims.split(",") if v], seeds=seeds,
                        defenses=args.defenses.split(","),
-                       overrides=_overrides(args), progress=not args.quiet,
+                       overrides=_overrides(args),
+                       reuse=[Path(r) for r in args.reuse.split(",") if r] if args.reuse else (),
+                       progress=not args.quiet,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
     print(table.read_text())
     print(f"table: {table} (and matrix.csv beside it)")
@@ -267,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="defense axis: comma list of none or defenses joined by + (e.g. "
                         "none,jpeg,matrix-completion,cutout,adversarial)")
     p.add_argument("--seeds", default="0", help="victim seeds, comma-separated")
+    p.add_argument("--reuse", default=None,
+                   help="comma list of earlier story/matrix/train folders: finished victims there "
+                        "with the same poison file and settings are copied in, not retrained")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_matrix)

@@ -10,6 +10,10 @@ accuracy; contrastive: linear probe), mean ± std over seeds.
 Everything lives under one folder: ``poisons/<attack>/`` and ``victims/<attack>/<victim>/seed<k>/``.
 Rerunning with the same folder skips finished cells, resumes half-finished ones from their
 checkpoints, and refuses to mix in a cell that was trained on a different poison file.
+``reuse`` names earlier ``story``, ``matrix`` or ``train`` folders: a finished victim there that
+was trained on the same images (by the training set's fingerprint, which hashes the poisoned
+pixels and labels) with the same settings is copied in instead of trained again (its summary
+records where it came from).
 
 Example::
 
@@ -23,12 +27,13 @@ import csv
 import hashlib
 import io
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
 
-from clpoison.attacks import (ATTACK_NAMES, CONTRASTIVE_ATTACKS, attacker_algorithm, cp_config,
-                              generate_poison, load_poison)
+from clpoison.attacks import (ATTACK_NAMES, CONTRASTIVE_ATTACKS, POISON_FILE, attacker_algorithm,
+                              cp_config, generate_poison, load_poison)
 from clpoison.config import config_from_dict, load_config
 from clpoison.errors import ClpoisonError
 from clpoison.train import train_victim, victim_accuracy
@@ -75,6 +80,43 @@ def _cell_key(cfg) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def _finished_victims(folders) -> dict[tuple[str, str], Path]:
+    """Index the finished victims under ``folders`` by (training-set fingerprint, cell key).
+
+    The fingerprint hashes the pixels and labels a victim trained on, so a victim counts for a
+    cell only if it saw exactly this cell's (poisoned) images; poison generation runs (anything
+    under a ``poisons`` folder) are not victims and are skipped."""
+    index: dict[tuple[str, str], Path] = {}
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ClpoisonError(f"--reuse {folder}: no such folder")
+        for summary_file in sorted(folder.rglob("summary.json")):
+            if "poisons" in summary_file.relative_to(folder).parts:
+                continue
+            try:
+                summary = json.loads(summary_file.read_text())
+                key = (summary["train_fingerprint"], _cell_key(config_from_dict(summary["config"])))
+                summary["final"]
+            except (ValueError, KeyError, TypeError, ClpoisonError):
+                continue                      # unfinished, or not a clpoison victim
+            index.setdefault(key, summary_file.parent)
+    return index
+
+
+def _adopt(source: Path, run_dir: Path, extra: dict) -> dict:
+    """Copy a finished victim into the matrix (atomically: a killed copy leaves nothing)."""
+    tmp = run_dir.with_name(run_dir.name + ".adopting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    summary = json.loads((tmp / "summary.json").read_text())
+    summary.update(extra, adopted_from=str(source))
+    write_json_atomic(tmp / "summary.json", summary)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(run_dir)
+    return summary
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "—"
@@ -84,12 +126,14 @@ def _fmt(values: list[float]) -> str:
 
 
 def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=(0,),
-               defenses=("none",), overrides=(), progress: bool = True, log=print) -> Path:
+               defenses=("none",), overrides=(), reuse=(), progress: bool = True,
+               log=print) -> Path:
     """Fill the matrix in ``out``; returns the path of ``matrix.md`` (``matrix.csv`` beside it).
 
     ``defenses`` adds a defense axis: each entry is ``none`` or defense names joined by ``+``
     (``jpeg``, ``matrix-completion+cutout``); every victim is trained once per entry, and the
-    table's columns become victim/defense pairs."""
+    table's columns become victim/defense pairs. ``reuse``: folders of earlier runs whose finished
+    victims are copied in where poison file and settings match (see the module docstring)."""
     t0 = time.time()
     out = Path(out)
     specs = [s.strip() for s in attacks if s.strip()]
@@ -160,11 +204,19 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
             rows.append((f"{name}@{alg}" if alg else name, poison_for(name, alg)))
 
     # --- victims ------------------------------------------------------------------------------
+    reusable = _finished_victims(reuse) if reuse else {}
     cells: dict[tuple[str, str], list[dict]] = {}
     floors: dict[str, list[float]] = {}
     for row, path in rows:
         digest = _sha256(path) if path is not None else None
         train_set = None
+
+        def data():
+            nonlocal train_set
+            if train_set is None:
+                train_set = clean_train if path is None else load_poison(
+                    path, dataset=clean_train).poison_dataset(clean_train)
+            return train_set
         for victim, defense in columns:
             column = victim if defense == "none" else f"{victim}+{defense}"
             extra = [] if defense == "none" else [f"defense.names={','.join(defense.split('+'))}"]
@@ -182,12 +234,14 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
                         raise ClpoisonError(
                             f"{run_dir} was trained with other settings than this call's (a "
                             f"changed default or preset?); delete it to recompute the cell")
+                elif not run_dir.exists() and reusable and (
+                        source := reusable.get((data().fingerprint(), _cell_key(cfg)))):
+                    log(f"== victim {column} seed {seed} on {row}: reusing {source}")
+                    summary = _adopt(source, run_dir, {"data": row, "poison": str(path or ""),
+                                                       "poison_sha256": digest})
                 else:
-                    if train_set is None:
-                        train_set = clean_train if path is None else load_poison(
-                            path, dataset=clean_train).poison_dataset(clean_train)
                     log(f"== victim {column} seed {seed} on {row}")
-                    summary = train_victim(cfg, run_dir, train_set=train_set, probe_set=clean_train,
+                    summary = train_victim(cfg, run_dir, train_set=data(), probe_set=clean_train,
                                            test_set=test, resume=run_dir.exists(),
                                            progress=progress,
                                            extra_summary={"data": row, "poison": str(path or ""),

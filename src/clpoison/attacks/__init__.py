@@ -14,13 +14,13 @@ from pathlib import Path
 
 from clpoison.attacks.ap import APConfig, generate_ap
 from clpoison.attacks.cp import CPConfig, cp_config, generate_cp
-from clpoison.attacks.poison import Poison, check_dataset, load_poison, max_uint8_step
+from clpoison.attacks.poison import (POISON_FILE, Poison, check_dataset, load_poison,
+                                     max_uint8_step)
 from clpoison.attacks.random_noise import random_noise
 from clpoison.attacks.settings import ATTACK_NAMES
 from clpoison.attacks.ue import UEConfig, generate_ue
 from clpoison.errors import ClpoisonError
 
-POISON_FILE = "poison.safetensors"
 CONTRASTIVE_ATTACKS = ("cp-c", "cp-s")
 SUPERVISED_ATTACKS = ("ue-c", "ue-s", "ap")
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clpoison.attacks.pgd import signed_step
-from clpoison.attacks.poison import Poison
+from clpoison.attacks.poison import POISON_FILE, Poison
 from clpoison.attacks.ue import frozen_copy
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
@@ -37,7 +37,6 @@ from clpoison.train.common import (default_data, load_resume_state, refuse_exist
 from clpoison.train.supervised import build_crop_flip, load_classifier, train_supervised
 from clpoison.utils import versions, write_json_atomic
 
-POISON_FILE = "poison.safetensors"
 CHECKPOINT = "generation.pt"
 
 

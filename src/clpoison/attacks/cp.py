@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from clpoison.attacks.poison import Poison, load_poison
+from clpoison.attacks.poison import POISON_FILE, Poison, load_poison
 from clpoison.attacks.pgd import signed_step
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
@@ -185,7 +185,6 @@ def _copy_momentum_state(src, dst) -> None:
                 target.data.copy_(value)
 
 
-POISON_FILE = "poison.safetensors"
 CHECKPOINT = "generation.pt"
 
 

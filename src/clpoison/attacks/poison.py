@@ -27,6 +27,8 @@ import torch
 from clpoison.errors import ClpoisonError
 from clpoison.utils import atomic_path, versions
 
+POISON_FILE = "poison.safetensors"   # the poison inside a generation run's folder
+
 FORMAT = "clpoison-poison/1"
 KINDS = ("class", "sample")
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clpoison.attacks.pgd import signed_step
-from clpoison.attacks.poison import Poison
+from clpoison.attacks.poison import POISON_FILE, Poison
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
 from clpoison.models.fuse import fuse_conv_bn
@@ -39,7 +39,6 @@ from clpoison.train.common import (load_resume_state, refuse_existing_run,
 from clpoison.train.supervised import build_classifier, build_crop_flip, supervised_step
 from clpoison.utils import seed_everything, versions, write_json_atomic
 
-POISON_FILE = "poison.safetensors"
 CHECKPOINT = "generation.pt"
 
 
