@@ -135,3 +135,27 @@ def test_defense_switch_records_and_refuses(tmp_path, small_cifar):
     d = load_config("mini", "simclr", tiny_overrides(**{"defense.names": "grayscale"})).defense
     gray = defend_dataset(d, train)
     assert torch.equal(gray.images[:, 0], gray.images[:, 2]) and torch.equal(gray.labels, train.labels)
+
+
+def test_each_defense_names_the_settings_it_reads():
+    """The matrix matches finished cells on the settings of the defenses in use only."""
+    from clpoison.config import load_config
+    from clpoison.defenses import DEFENSES, settings_used
+    from clpoison.matrix import _cell_key
+
+    from clpoison.defenses import _SETTINGS
+
+    assert set(_SETTINGS) == set(DEFENSES)         # a new defense must say what it reads
+    assert settings_used(["jpeg"]) == ["jpeg_quality"]
+    assert settings_used(["grayscale"]) == []
+    assert set(settings_used(["adversarial"])) == {"adv_epsilon", "adv_steps", "adv_step_size"}
+    assert all(k.startswith("mc_") for k in settings_used(["matrix-completion"]))
+
+    def key(*o):
+        return _cell_key(load_config("cpu", "simclr", list(o)))
+
+    jpeg = key("defense.names=jpeg")
+    assert jpeg == key("defense.names=jpeg", "defense.adv_steps=7")
+    assert jpeg != key("defense.names=jpeg", "defense.jpeg_quality=50")
+    assert key() == key("defense.jpeg_quality=50")   # no defense: no defense setting matters
+    assert key("defense.names=adversarial") != key("defense.names=adversarial", "defense.adv_steps=3")

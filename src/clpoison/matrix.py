@@ -72,10 +72,16 @@ def _sha256(path: Path) -> str:
 def _cell_key(cfg) -> str:
     """What must match for a finished victim to count as this call's cell: the training settings,
     without evaluation, device and paths, the attack section (it does not touch victims) and the
-    defense parameters when no defense is on."""
+    settings of defenses that are off (a JPEG cell does not depend on the PGD steps of
+    adversarial training; a cell without defenses on none of them)."""
+    from clpoison.defenses import settings_used
+
     d = json.loads(resume_key(cfg))
     d.pop("attack", None)
-    if not d["defense"]["names"]:
+    names = d["defense"]["names"]
+    if names:
+        d["defense"] = {k: d["defense"][k] for k in ["names"] + settings_used(names)}
+    else:
         d.pop("defense")
     return json.dumps(d, sort_keys=True)
 

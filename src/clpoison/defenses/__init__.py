@@ -41,6 +41,25 @@ ONLINE = ("matrix-completion-online", "cutout", "noise", "blur")
 PIPELINE = ("strong-crop",)
 LOOP = ("adversarial",)
 DEFENSES = OFFLINE + ONLINE + PIPELINE + LOOP
+# the ``cfg.defense`` settings (by name prefix) each defense reads; the others do not touch it
+_SETTINGS = {"matrix-completion": "mc_", "matrix-completion-online": "mc_", "jpeg": "jpeg_",
+             "grayscale": None, "bit-depth": "bit_depth", "cutout": "cutout_", "noise": "noise_",
+             "blur": "blur_", "strong-crop": "strong_crop_", "adversarial": "adv_"}
+
+
+def settings_used(names) -> list[str]:
+    """The ``cfg.defense`` fields that the defenses ``names`` read (e.g. jpeg -> [jpeg_quality]):
+    two runs with the same defenses differ only if one of these differs."""
+    from dataclasses import fields
+
+    from clpoison.config import DefenseConfig
+
+    unknown = [n for n in names if n not in _SETTINGS]
+    if unknown:
+        raise ClpoisonError(f"unknown defense(s) {unknown}; choose from {', '.join(DEFENSES)}")
+    prefixes = [_SETTINGS[n] for n in names if _SETTINGS[n]]
+    return [f.name for f in fields(DefenseConfig) if f.name != "names"
+            and any(f.name.startswith(pre) for pre in prefixes)]
 
 
 def check_defenses(d) -> list[str]:
@@ -167,4 +186,5 @@ def adversarial_settings(d):
 
 __all__ = ["DEFENSES", "DefendedAugment", "adversarial_inputs", "adversarial_settings", "bit_depth",
            "check_defenses", "complete", "complete_uint8", "cutout", "defend_dataset",
-           "defended_augment", "gaussian_blur", "gaussian_noise", "grayscale", "jpeg"]
+           "defended_augment", "gaussian_blur", "gaussian_noise", "grayscale", "jpeg",
+           "settings_used"]
