@@ -219,16 +219,25 @@ def test_matrix_reuses_finished_victims_of_other_runs(tmp_path, small_cifar, mon
                  test_set=test, progress=False, extra_summary={"data": "clean"})
     train_victim(cfg, story / "victims" / "noise-seed0", train_set=poison.poison_dataset(train),
                  probe_set=train, test_set=test, progress=False, extra_summary={"data": "noise"})
+    # a `train --defense jpeg` run on clean data (it records the fingerprint after JPEG)
+    jpeg_cfg = load_config("mini", "supervised", over + ["train.seed=0", "defense.names=jpeg"])
+    train_victim(jpeg_cfg, tmp_path / "jpeg-run", train_set=train, probe_set=train, test_set=test,
+                 progress=False)
     calls = []
     monkeypatch.setattr(matrix, "train_victim",
                         lambda cfg, run_dir, **kw: calls.append(str(run_dir)) or train_victim(
                             cfg, run_dir, **kw))
     rows = ["clean", f"noise={story / 'poisons' / 'noise' / 'poison.safetensors'}", "random-c"]
     md = run_matrix("mini", tmp_path / "m", attacks=rows, victims=["supervised"], seeds=[0, 1],
-                    overrides=over, reuse=[story], progress=False, log=lambda m: None)
-    # seed 0 of clean and noise came from the story; seed 1 and the other poison were trained
+                    defenses=["none", "jpeg"], overrides=over, reuse=[story, tmp_path / "jpeg-run"],
+                    progress=False, log=lambda m: None)
+    # seed 0 of clean and noise, and clean+jpeg seed 0, came from earlier runs; the other seed,
+    # the other poison and jpeg on poisoned data were trained
     assert sorted(Path(c).relative_to(tmp_path / "m").as_posix() for c in calls) == [
-        "victims/clean/supervised/seed1", "victims/noise/supervised/seed1",
+        "victims/clean/supervised+jpeg/seed1", "victims/clean/supervised/seed1",
+        "victims/noise/supervised+jpeg/seed0", "victims/noise/supervised+jpeg/seed1",
+        "victims/noise/supervised/seed1",
+        "victims/random-c/supervised+jpeg/seed0", "victims/random-c/supervised+jpeg/seed1",
         "victims/random-c/supervised/seed0", "victims/random-c/supervised/seed1"]
     adopted = json.loads((tmp_path / "m" / "victims" / "noise" / "supervised" / "seed0" /
                           "summary.json").read_text())

@@ -86,13 +86,13 @@ def _cell_key(cfg) -> str:
     return json.dumps(d, sort_keys=True)
 
 
-def _finished_victims(folders) -> dict[tuple[str, str], Path]:
-    """Index the finished victims under ``folders`` by (training-set fingerprint, cell key).
+def _finished_victims(folders) -> dict[str, dict[str, Path]]:
+    """Index the finished victims under ``folders``: cell key -> training-set fingerprint -> run.
 
-    The fingerprint hashes the pixels and labels a victim trained on, so a victim counts for a
-    cell only if it saw exactly this cell's (poisoned) images; poison generation runs (anything
-    under a ``poisons`` folder) are not victims and are skipped."""
-    index: dict[tuple[str, str], Path] = {}
+    The fingerprint (recorded by every victim) hashes the pixels and labels it trained on, after
+    its offline defenses, so a victim counts for a cell only if it saw exactly this cell's
+    images; poison generation runs (anything under a ``poisons`` folder) are skipped."""
+    index: dict[str, dict[str, Path]] = {}
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
@@ -102,12 +102,25 @@ def _finished_victims(folders) -> dict[tuple[str, str], Path]:
                 continue
             try:
                 summary = json.loads(summary_file.read_text())
-                key = (summary["train_fingerprint"], _cell_key(config_from_dict(summary["config"])))
+                key = _cell_key(config_from_dict(summary["config"]))
+                fingerprint = summary["train_fingerprint"]
                 summary["final"]
             except (ValueError, KeyError, TypeError, ClpoisonError):
                 continue                      # unfinished, or not a clpoison victim
-            index.setdefault(key, summary_file.parent)
+            index.setdefault(key, {}).setdefault(fingerprint, summary_file.parent)
     return index
+
+
+def _reusable(runs: dict[str, Path] | None, cfg, data) -> Path | None:
+    """The finished run among ``runs`` (same settings) that trained on this cell's images."""
+    if not runs:
+        return None
+    from clpoison.defenses import defend_dataset
+
+    # victims record the fingerprint after their offline defenses (matrix completion, JPEG...),
+    # which are deterministic given the seed, so apply them here to compare like with like
+    defended = defend_dataset(cfg.defense, data(), seed=cfg.train.seed)
+    return runs.get(defended.fingerprint())
 
 
 def _adopt(source: Path, run_dir: Path, extra: dict) -> dict:
@@ -240,8 +253,8 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
                         raise ClpoisonError(
                             f"{run_dir} was trained with other settings than this call's (a "
                             f"changed default or preset?); delete it to recompute the cell")
-                elif not run_dir.exists() and reusable and (
-                        source := reusable.get((data().fingerprint(), _cell_key(cfg)))):
+                elif not run_dir.exists() and (
+                        source := _reusable(reusable.get(_cell_key(cfg)), cfg, data)):
                     log(f"== victim {column} seed {seed} on {row}: reusing {source}")
                     summary = _adopt(source, run_dir, {"data": row, "poison": str(path or ""),
                                                        "poison_sha256": digest})
