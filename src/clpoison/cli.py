@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="victim seeds, comma-separated")
     p.add_argument("--reuse", default=None,
                    help="comma list of earlier story/matrix/train folders: finished victims there "
-                        "with the same poison file and settings are copied in, not retrained")
+                        "trained on the same images with the same settings are copied in, not "
+                        "retrained")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_matrix)

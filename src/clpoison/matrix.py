@@ -162,6 +162,9 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
             raise ClpoisonError(f"unknown victim {v!r}; choose from {', '.join(VICTIMS)}")
     if not seeds:
         raise ClpoisonError("the matrix needs at least one seed")
+    missing = [str(r) for r in reuse if not Path(r).is_dir()]
+    if missing:       # checked before any work, not after hours of poison generation
+        raise ClpoisonError(f"--reuse {', '.join(missing)}: no such folder")
     from clpoison.defenses import DEFENSES
 
     defenses = [d.strip() for d in defenses if d.strip()] or ["none"]
