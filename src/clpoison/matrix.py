@@ -94,9 +94,7 @@ def _finished_victims(folders) -> dict[str, dict[str, Path]]:
     images; poison generation runs (anything under a ``poisons`` folder) are skipped."""
     index: dict[str, dict[str, Path]] = {}
     for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ClpoisonError(f"--reuse {folder}: no such folder")
+        folder = Path(folder)             # run_matrix checked that it exists
         for summary_file in sorted(folder.rglob("summary.json")):
             if "poisons" in summary_file.relative_to(folder).parts:
                 continue
@@ -152,7 +150,7 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
     ``defenses`` adds a defense axis: each entry is ``none`` or defense names joined by ``+``
     (``jpeg``, ``matrix-completion+cutout``); every victim is trained once per entry, and the
     table's columns become victim/defense pairs. ``reuse``: folders of earlier runs whose finished
-    victims are copied in where poison file and settings match (see the module docstring)."""
+    victims are copied in where images and settings match (see the module docstring)."""
     t0 = time.time()
     out = Path(out)
     specs = [s.strip() for s in attacks if s.strip()]
