@@ -21,7 +21,7 @@ def test_story_writes_report_and_refuses_changed_settings(tmp_path, small_cifar,
                 "cp-c generation"):
         assert row in text
     assert re.search(r"\| cp-c \|.*\| \d+\.\d{3} \|$", text, re.M)   # the victim's train loss
-    assert (tmp_path / "s" / "cp-c.png").exists()
+    assert (tmp_path / "s" / "cp-c.png").exists() and "(cp-c.png)" in text
     mtime = (tmp_path / "s" / "victims" / "clean-seed0" / "summary.json").stat().st_mtime
     story.run_story("mini", tmp_path / "s", seeds=[0], attacks=["cp-c"], overrides=over,
                     progress=False, log=lambda m: None)          # rerun: everything reused

@@ -215,12 +215,16 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
                 floors.append(summary["random_init"])
 
     # --- report --------------------------------------------------------------------------------
-    picture = None
+    # one picture per generated poison: the first attack is not always the one that works
+    # (on the cpu preset CP-C has no effect and CP-S does)
+    pictures = []
     if attacks:
         from clpoison.visualize import render_poison
 
-        picture = out / f"{attacks[0]}.png"
-        render_poison(load_poison(poisons[attacks[0]], dataset=clean_train), clean_train, picture)
+        for name in attacks:
+            pictures.append(out / f"{name}.png")
+            render_poison(load_poison(poisons[name], dataset=clean_train), clean_train,
+                          pictures[-1])
     report = out / "report.md"
     generation = {}
     for name in attacks:
@@ -228,7 +232,7 @@ def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=
         if g:
             generation[name] = {"gap": g["final_gap"]["gap"], "minutes": g["wall_seconds"] / 60}
     text = _report(preset, algorithm, seeds, results, floors, len(clean_train), len(test),
-                   time.time() - t0, picture, cfg.eval.probe, generation)
+                   time.time() - t0, pictures, cfg.eval.probe, generation)
     with atomic_path(report) as tmp:
         tmp.write_text(text)
     write_json_atomic(out / "results.json", {"results": results, "random_init": floors})
@@ -248,7 +252,7 @@ def _fmt_delta(deltas: list[float]) -> str:
     return f"{_fmt(deltas)} ({', '.join(f'{d:+.1f}' for d in deltas)})"
 
 
-def _report(preset, algorithm, seeds, results, floors, n_train, n_test, seconds, picture,
+def _report(preset, algorithm, seeds, results, floors, n_train, n_test, seconds, pictures,
             probe, generation=None) -> str:
     lines = [f"# clpoison story: {algorithm}, preset `{preset}`", "",
              f"Victims trained on {n_train} images (poisoned or clean), evaluated on {n_test} clean "
@@ -278,8 +282,9 @@ def _report(preset, algorithm, seeds, results, floors, n_train, n_test, seconds,
         lines.append(f"\n{name} generation: {g['minutes']:.1f} min, generator's clean-minus-poisoned "
                      f"loss gap {g['gap']:.3f} ({unit}).")
     lines += ["", f"Wall time of this call: {seconds / 60:.1f} min (finished stages are reused)."]
-    if picture is not None:
-        lines += ["", f"![poison]({picture.name})", "",
-                  "Top row: the poison patterns amplified to full range; below, per class: clean | "
-                  "poisoned | difference (amplified)."]
+    for picture in pictures or []:
+        lines += ["", f"{picture.stem}:", "", f"![{picture.stem} poison]({picture.name})"]
+    if pictures:
+        lines += ["", "In each picture, top row: the poison patterns amplified to full range; "
+                  "below, per class: clean | poisoned | difference (amplified)."]
     return "\n".join(lines) + "\n"
