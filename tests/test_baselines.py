@@ -1,6 +1,7 @@
 """Supervised victims, the baseline attacks (UE, AP, random) and the evaluation matrix."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -245,7 +246,18 @@ def test_matrix_reuses_finished_victims_of_other_runs(tmp_path, small_cifar, mon
     assert adopted["final"] == original["final"]
     assert adopted["adopted_from"] == str(story / "victims" / "noise-seed0")
     assert adopted["poison_sha256"] == matrix._sha256(story / "poisons" / "noise" / "poison.safetensors")
-    assert "| noise |" in md.read_text()
+    text = md.read_text()
+    assert "| noise |" in text
+    # the defense table: each jpeg cell against the same rows' undefended cell
+    from clpoison.train import victim_accuracy
+
+    def mean_acc(row, column):
+        return sum(victim_accuracy(json.loads((tmp_path / "m" / "victims" / row / column / f"seed{s}"
+                                               / "summary.json").read_text())) for s in (0, 1)) / 2
+    assert "Defenses for the supervised victim" in text
+    for row in ("clean", "noise", "random-c"):
+        delta = mean_acc(row, "supervised+jpeg") - mean_acc(row, "supervised")
+        assert re.search(rf"^\| {row} \| [^|]+ \| [^|]+ " + re.escape(f"({delta:+.1f}) |") + "$", text, re.M), row
     with pytest.raises(ClpoisonError, match="no such folder"):
         run_matrix("mini", tmp_path / "m2", attacks=["clean"], victims=["supervised"], seeds=[0],
                    overrides=over, reuse=[tmp_path / "nowhere"], progress=False, log=lambda m: None)

@@ -304,8 +304,37 @@ def _markdown(preset, rows, victims, seeds, cells, floors, n_train, n_test, seco
     if floors:
         lines.append("| random-init floor (supervised: chance) | "
                      + " | ".join(_fmt(floors.get(v, [])) for v in victims) + " | | |")
+    lines += _defense_tables(rows, victims, cells)
     lines += ["", f"Wall time of this call: {seconds / 60:.1f} min (finished cells are reused)."]
     return "\n".join(lines) + "\n"
+
+
+def _defense_tables(rows, columns, cells) -> list[str]:
+    """Per victim with defense columns: each defense's accuracy and, in brackets, its change
+    against the same training data without a defense (the clean row is what the defense costs on
+    clean data; a poisoned row is what it wins back). Empty when the call has no defenses."""
+    lines = []
+    victims = list(dict.fromkeys(c.split("+", 1)[0] for c in columns))
+    for victim in victims:
+        defended = [c for c in columns if c.startswith(victim + "+")]
+        if not defended:
+            continue
+        head = ["attack", "no defense"] + [c.split("+", 1)[1] for c in defended]
+        lines += ["", f"Defenses for the {victim} victim: accuracy (%) and, in brackets, defended "
+                  "minus undefended on the same training data (clean row: the defense's cost; "
+                  "poisoned rows: what it wins back).", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in rows:
+            base = [victim_accuracy(s) for s in cells.get((row, victim), [])]
+            out = [row, _fmt(base)]
+            for c in defended:
+                acc = [victim_accuracy(s) for s in cells.get((row, c), [])]
+                cell = _fmt(acc)
+                if acc and base:
+                    cell += f" ({statistics.mean(acc) - statistics.mean(base):+.1f})"
+                out.append(cell)
+            lines.append("| " + " | ".join(out) + " |")
+    return lines
 
 
 def _csv(cells) -> str:
