@@ -170,6 +170,17 @@ def test_matrix_reuses_cells_and_refuses_mismatch(tmp_path, small_cifar, monkeyp
     run_matrix("mini", tmp_path / "m", attacks=["clean", "random-c"], victims=["supervised", "simclr"],
                seeds=[0], overrides=over, progress=False, log=lambda m: None)
     assert len(calls) == 4                                    # nothing recomputed
+    # --table-only: cells, seeds and poisons that are not there show as —, nothing is made
+    md = run_matrix("mini", tmp_path / "m", attacks=["clean", "random-c", "ue-c"],
+                    victims=["supervised", "simclr", "byol"], seeds=[0, 1], overrides=over,
+                    table_only=True, progress=False, log=lambda m: None)
+    text = md.read_text()
+    assert len(calls) == 4 and not (tmp_path / "m" / "poisons" / "ue-c").exists()
+    assert re.search(r"^\| ue-c( \| —){5} \|$", text, re.M)
+    assert re.search(r"^\| clean \| \d+\.\d \| \d+\.\d \| — \|", text, re.M)
+    with pytest.raises(ClpoisonError, match="holds no matrix yet"):
+        run_matrix("mini", tmp_path / "empty", attacks=["clean"], victims=["supervised"],
+                   seeds=[0], overrides=over, table_only=True, progress=False, log=lambda m: None)
     # a finished cell made with other settings (e.g. a changed default) is refused
     cell = tmp_path / "m" / "victims" / "clean" / "supervised" / "seed0" / "summary.json"
     saved = cell.read_text()

@@ -153,7 +153,7 @@ def cmd_matrix(args) -> int:
                        defenses=args.defenses.split(","),
                        overrides=_overrides(args),
                        reuse=[Path(r) for r in args.reuse.split(",") if r] if args.reuse else (),
-                       progress=not args.quiet,
+                       table_only=args.table_only, progress=not args.quiet,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
     print(table.read_text())
     print(f"table: {table} (and matrix.csv beside it)")
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of earlier story/matrix/train folders: finished victims there "
                         "trained on the same images with the same settings are copied in, not "
                         "retrained")
+    p.add_argument("--table-only", action="store_true",
+                   help="train and generate nothing: write the table of the cells finished so far "
+                        "(the others as —), e.g. while another call is still filling --out")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_matrix)

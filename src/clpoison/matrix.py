@@ -143,14 +143,17 @@ def _fmt(values: list[float]) -> str:
 
 
 def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=(0,),
-               defenses=("none",), overrides=(), reuse=(), progress: bool = True,
-               log=print) -> Path:
+               defenses=("none",), overrides=(), reuse=(), table_only: bool = False,
+               progress: bool = True, log=print) -> Path:
     """Fill the matrix in ``out``; returns the path of ``matrix.md`` (``matrix.csv`` beside it).
 
     ``defenses`` adds a defense axis: each entry is ``none`` or defense names joined by ``+``
     (``jpeg``, ``matrix-completion+cutout``); every victim is trained once per entry, and the
     table's columns become victim/defense pairs. ``reuse``: folders of earlier runs whose finished
-    victims are copied in where images and settings match (see the module docstring)."""
+    victims are copied in where images and settings match (see the module docstring).
+    ``table_only``: generate and train nothing (nor copy from ``reuse``); write the table of the
+    cells already finished in ``out``, the others shown as —, e.g. to read a matrix that another
+    process is still filling."""
     t0 = time.time()
     out = Path(out)
     specs = [s.strip() for s in attacks if s.strip()]
@@ -163,6 +166,8 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
     missing = [str(r) for r in reuse if not Path(r).is_dir()]
     if missing:       # checked before any work, not after hours of poison generation
         raise ClpoisonError(f"--reuse {', '.join(missing)}: no such folder")
+    if table_only and not (out / "matrix.json").exists():
+        raise ClpoisonError(f"{out} holds no matrix yet; run without --table-only to fill it")
     from clpoison.defenses import DEFENSES
 
     defenses = [d.strip() for d in defenses if d.strip()] or ["none"]
@@ -186,20 +191,23 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
     for name, _, path in parsed:
         if path is not None:
             load_poison(path, dataset=clean_train)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(record, {**settings, "attacks": specs, "victims": list(victims),
-                               "defenses": defenses,
-                               "seeds": list(seeds), "versions": versions()})
+    if not table_only:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, {**settings, "attacks": specs, "victims": list(victims),
+                                   "defenses": defenses,
+                                   "seeds": list(seeds), "versions": versions()})
 
     # --- poisons ------------------------------------------------------------------------------
     poisons: dict[str, Path | None] = {}
 
-    def poison_for(name: str, alg: str | None) -> Path:
+    def poison_for(name: str, alg: str | None) -> Path | None:
         key = f"{name}@{alg}" if alg else name
         if key in poisons:
             return poisons[key]
         run_dir = out / "poisons" / key
         target = run_dir / "poison.safetensors"
+        if not target.exists() and table_only:
+            return None          # not generated yet: the row shows as —
         if not target.exists():
             cfg = load_config(preset, attacker_algorithm(name, alg), overrides)
             init = poison_for("cp-c", alg) if (
@@ -221,13 +229,15 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
         elif path is not None:
             rows.append((name, path))
         else:
-            rows.append((f"{name}@{alg}" if alg else name, poison_for(name, alg)))
+            rows.append((f"{name}@{alg}" if alg else name, poison_for(name, alg) or "missing"))
 
     # --- victims ------------------------------------------------------------------------------
     reusable = _finished_victims(reuse) if reuse else {}
     cells: dict[tuple[str, str], list[dict]] = {}
     floors: dict[str, list[float]] = {}
     for row, path in rows:
+        if path == "missing":
+            continue
         digest = _sha256(path) if path is not None else None
         train_set = None
 
@@ -254,6 +264,8 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
                         raise ClpoisonError(
                             f"{run_dir} was trained with other settings than this call's (a "
                             f"changed default or preset?); delete it to recompute the cell")
+                elif table_only:
+                    continue
                 elif not run_dir.exists() and (
                         source := _reusable(reusable.get(_cell_key(cfg)), cfg, data)):
                     log(f"== victim {column} seed {seed} on {row}: reusing {source}")
