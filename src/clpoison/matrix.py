@@ -222,21 +222,25 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
         poisons[key] = target
         return target
 
-    rows: list[tuple[str, Path | None]] = []
+    rows: list[tuple[str, Path | None]] = []      # (row name, poison file; None for clean)
+    not_made: set[str] = set()                     # --table-only rows whose poison is not made yet
     for spec, (name, alg, path) in zip(specs, parsed):
         if name == "clean":
             rows.append(("clean", None))
         elif path is not None:
             rows.append((name, path))
         else:
-            rows.append((f"{name}@{alg}" if alg else name, poison_for(name, alg) or "missing"))
+            key, target = f"{name}@{alg}" if alg else name, poison_for(name, alg)
+            rows.append((key, target))
+            if target is None:
+                not_made.add(key)
 
     # --- victims ------------------------------------------------------------------------------
     reusable = _finished_victims(reuse) if reuse else {}
     cells: dict[tuple[str, str], list[dict]] = {}
     floors: dict[str, list[float]] = {}
     for row, path in rows:
-        if path == "missing":
+        if row in not_made:
             continue
         digest = _sha256(path) if path is not None else None
         train_set = None
