@@ -282,7 +282,7 @@ def _report(preset, algorithm, seeds, results, floors, n_train, n_test, seconds,
         lines.append(f"\n{name} generation: {g['minutes']:.1f} min, generator's clean-minus-poisoned "
                      f"loss gap {g['gap']:.3f} ({unit}).")
     lines += ["", f"Wall time of this call: {seconds / 60:.1f} min (finished stages are reused)."]
-    for picture in pictures or []:
+    for picture in pictures:
         lines += ["", f"{picture.stem}:", "", f"![{picture.stem} poison]({picture.name})"]
     if pictures:
         lines += ["", "In each picture, top row: the poison patterns amplified to full range; "
