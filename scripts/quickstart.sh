@@ -2,7 +2,7 @@
 # Set up, then run the main job: the whole Contrastive Poisoning story on this machine's CPU
 # (clean SimCLR victims, CP-C and CP-S poisons, victims on the poisoned data, random-noise
 # control, random-init floor, report).
-#   scripts/quickstart.sh                  # preset `cpu`: 2 seeds, CP-C and CP-S (~50 min on 2
+#   scripts/quickstart.sh                  # preset `cpu`: 2 seeds, CP-C and CP-S (50-75 min on 2
 #                                          # cores with native bf16; see README "Measured")
 #   PRESET=mini scripts/quickstart.sh      # a smoke run of the pipeline (CP-C and CP-S, 1 seed,
 #                                          # ~11 min, no effect)

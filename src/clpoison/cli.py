@@ -284,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", required=True, type=Path, help="folder for everything (rerun to resume)")
     p.add_argument("--seeds", default="0", help="victim seeds, comma-separated (paired clean/poisoned)")
-    p.add_argument("--attacks", default="cp-c", help="comma list of cp-c, cp-s (cp-s starts from cp-c)")
+    p.add_argument("--attacks", default="cp-c",
+                   help="comma list of cp-c, cp-s (cp-s starts from cp-c or from uniform noise, "
+                        "as the preset's attack.cp-s.start_from_cpc says)")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="victim epochs")
     p.add_argument("--quiet", action="store_true")
