@@ -33,11 +33,11 @@ def run_case(case: str, width: int, batch: int, repeats: int, device: str, algor
 
     from clpoison.attacks.cp import poison_step
     from clpoison.config import load_config
-    from clpoison.train.common import (autocast, build_augment, build_method, build_optimizer,
+    from clpoison.engine import (autocast, build_augment, build_method, build_optimizer,
                                        contrastive_loss)
 
     torch.manual_seed(0)
-    torch.set_flush_denormal(True)  # as setup_runtime does in every run (see train/common.py)
+    torch.set_flush_denormal(True)  # as setup_runtime does in every run (see clpoison/engine.py)
     cfg = load_config("mini", algorithm, {"model.width": width, "train.device": device,
                                           "train.amp": amp})
     dev = torch.device(device)

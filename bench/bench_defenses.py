@@ -75,7 +75,7 @@ def tradeoff(path: str) -> None:
     from clpoison.attacks import load_poison
     from clpoison.config import config_from_dict
     from clpoison.defenses.matrix_completion import complete, pixel_mask
-    from clpoison.train.common import load_data
+    from clpoison.engine import load_data
 
     header = load_poison(path)
     train, _ = load_data(config_from_dict(header.meta["config"]))

@@ -13,7 +13,7 @@ from clpoison.attacks.cp import poison_step
 from clpoison.cli import main
 from clpoison.config import load_config
 from clpoison.errors import ClpoisonError
-from clpoison.train.common import build_augment, build_method, lr_at
+from clpoison.engine import build_augment, build_method, lr_at
 from tests.conftest import tiny_overrides
 
 EPS = 8 / 255
@@ -74,7 +74,7 @@ def test_descent_lowers_contrastive_loss(small_cifar):
     prow = poison.rows(train.labels, train.indices)[rows]
 
     def loss_with_fixed_views():
-        from clpoison.train.common import contrastive_loss
+        from clpoison.engine import contrastive_loss
         with torch.no_grad():
             return contrastive_loss(method, augment, (x + delta[prow]).clamp(0, 1),
                                     torch.Generator().manual_seed(123), torch.contiguous_format).item()

@@ -12,7 +12,7 @@ from clpoison.defenses import (adversarial_inputs, bit_depth, complete, cutout, 
 from clpoison.defenses.matrix_completion import pixel_mask
 from clpoison.errors import ClpoisonError
 from clpoison.train import train_victim
-from clpoison.train.common import build_augment, build_method, contrastive_loss
+from clpoison.engine import build_augment, build_method, contrastive_loss
 from tests.conftest import tiny_overrides
 
 

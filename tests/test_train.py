@@ -105,7 +105,7 @@ def test_paper_probe_reports_final_and_best(small_cifar):
 
 def test_bf16_autocast_on_cpu(tmp_path, small_cifar):
     # train.amp=bf16 runs the forward in bfloat16 on a CPU too (oneDNN); fp16 is CUDA-only.
-    from clpoison.train.common import autocast
+    from clpoison.engine import autocast
 
     cfg = load_config("mini", "simclr", tiny_overrides(**{"train.amp": "bf16"}))
     conv = torch.nn.Conv2d(3, 4, 3)
@@ -115,7 +115,7 @@ def test_bf16_autocast_on_cpu(tmp_path, small_cifar):
         autocast(load_config("mini", "simclr", tiny_overrides(**{"train.amp": "fp16"})),
                  torch.device("cpu"))
     # the same loss to bf16 precision on the same views, and a whole run trains (finite losses)
-    from clpoison.train.common import build_method
+    from clpoison.engine import build_method
 
     torch.manual_seed(0)
     method = build_method(cfg).train()

@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
     kwargs = {}
     if args.poison:
         from clpoison.attacks import load_poison
-        from clpoison.train.common import load_data
+        from clpoison.engine import load_data
 
         clean_train, test = load_data(cfg)
         poison = load_poison(args.poison, dataset=clean_train)
@@ -74,7 +74,7 @@ def cmd_eval(args) -> int:
     from clpoison.config import config_from_dict, load_config
     from clpoison.data import normalization_stats
     from clpoison.eval import evaluate_encoder
-    from clpoison.train.common import (build_method, check_signature, load_checkpoint, load_data,
+    from clpoison.engine import (build_method, check_signature, load_checkpoint, load_data,
                                        setup_runtime)
 
     if args.checkpoint:
@@ -164,7 +164,7 @@ def _poisoned_data(args):
     """The clean data a poison was made for (from its recorded config), and the poison."""
     from clpoison.attacks import load_poison
     from clpoison.config import _parse_override, _set, config_from_dict
-    from clpoison.train.common import load_data
+    from clpoison.engine import load_data
 
     header = load_poison(args.poison)            # validates the file before any data work
     recorded = header.meta.get("config")

@@ -37,7 +37,7 @@ from clpoison.attacks import (ATTACK_NAMES, CONTRASTIVE_ATTACKS, POISON_FILE, at
 from clpoison.config import config_from_dict, load_config
 from clpoison.errors import ClpoisonError
 from clpoison.train import train_victim, victim_accuracy
-from clpoison.train.common import load_data, resume_key
+from clpoison.engine import load_data, resume_key
 from clpoison.utils import atomic_path, versions, write_json_atomic
 
 VICTIMS = ("supervised", "simclr", "mocov2", "byol")

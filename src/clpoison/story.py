@@ -23,7 +23,7 @@ from clpoison.attacks.cp import POISON_FILE
 from clpoison.config import load_config
 from clpoison.errors import ClpoisonError
 from clpoison.train import pretrain
-from clpoison.train.common import load_data
+from clpoison.engine import load_data
 from clpoison.utils import atomic_path, versions, write_json_atomic
 
 CONTROLS = ("random",)
@@ -51,7 +51,7 @@ def time_steps(cfg, images, repeats: int = 3, poison: bool = True) -> tuple[floa
     with the preset's dual-branch setting, as generation does."""
     from clpoison.attacks.cp import frozen_generator, poison_step
     from clpoison.data import normalization_stats
-    from clpoison.train.common import (autocast, build_augment, build_method, build_optimizer,
+    from clpoison.engine import (autocast, build_augment, build_method, build_optimizer,
                                        contrastive_loss, memory_format, setup_runtime)
 
     device = setup_runtime(cfg)

@@ -58,7 +58,7 @@ def generate_poison(attack: str, cfg, out_dir, *, train_set=None, test_set=None,
                     progress=progress)
     elif attack in ("random", "random-c"):
         if train_set is None:
-            from clpoison.train.common import load_data
+            from clpoison.engine import load_data
 
             train_set, _ = load_data(cfg)
         from clpoison.config import _coerce

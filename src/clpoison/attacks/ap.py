@@ -29,8 +29,8 @@ from clpoison.attacks.poison import POISON_FILE, Poison
 from clpoison.attacks.ue import frozen_copy
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
-from clpoison.train.common import memory_format as channels_format
-from clpoison.train.common import (default_data, load_resume_state, refuse_existing_run,
+from clpoison.engine import memory_format as channels_format
+from clpoison.engine import (default_data, load_resume_state, refuse_existing_run,
                                    EpochSampler, RunLogger, epoch_generator,
                                    resume_key, save_checkpoint, setup_runtime,
                                    truncate_metrics)

@@ -39,8 +39,8 @@ from clpoison.attacks.pgd import signed_step
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
 from clpoison.models.fuse import fuse_conv_bn
-from clpoison.train.common import memory_format as channels_format
-from clpoison.train.common import (load_resume_state, refuse_existing_run,
+from clpoison.engine import memory_format as channels_format
+from clpoison.engine import (load_resume_state, refuse_existing_run,
                                    EpochSampler, RunLogger, autocast, build_augment, build_method,
                                    build_optimizer, contrastive_loss, epoch_generator,
                                    load_checkpoint, load_data, lr_at, model_signature,

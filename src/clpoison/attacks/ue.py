@@ -31,8 +31,8 @@ from clpoison.attacks.poison import POISON_FILE, Poison
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
 from clpoison.models.fuse import fuse_conv_bn
-from clpoison.train.common import memory_format as channels_format
-from clpoison.train.common import (load_resume_state, refuse_existing_run,
+from clpoison.engine import memory_format as channels_format
+from clpoison.engine import (load_resume_state, refuse_existing_run,
                                    EpochSampler, RunLogger, build_optimizer, epoch_generator,
                                    load_data, resume_key, save_checkpoint,
                                    setup_runtime, truncate_metrics)

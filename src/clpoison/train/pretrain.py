@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from clpoison.config import Config
 from clpoison.eval import evaluate_encoder
-from clpoison.train.common import memory_format as channels_format
-from clpoison.train.common import (end_of_epoch, victim_inputs, load_resume_state, refuse_existing_run,
+from clpoison.engine import memory_format as channels_format
+from clpoison.engine import (end_of_epoch, victim_inputs, load_resume_state, refuse_existing_run,
                                    EpochSampler, RunLogger, autocast, build_augment,
                                    build_method, build_optimizer, check_signature,
                                    contrastive_loss,

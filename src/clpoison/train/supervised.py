@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clpoison.config import Config
-from clpoison.train.common import memory_format as channels_format
-from clpoison.train.common import (end_of_epoch, victim_inputs, load_resume_state, refuse_existing_run,
+from clpoison.engine import memory_format as channels_format
+from clpoison.engine import (end_of_epoch, victim_inputs, load_resume_state, refuse_existing_run,
                                    EpochSampler, RunLogger, autocast, build_optimizer,
                                    epoch_generator, load_checkpoint, lr_at,
                                    model_signature, check_signature, resume_key, save_checkpoint,

@@ -1,8 +1,8 @@
-"""Pieces shared by every training loop: device, data, method, optimiser, schedule, sampler,
-checkpoints, logging. Loops stay top-down readable by calling these.
+"""The engine shared by victims (``clpoison.train``) and attackers (``clpoison.attacks``):
+runtime and device, data, method and optimiser, schedule, sampler, RNG streams, checkpoints,
+run logger, and ``contrastive_loss``, the one forward path of every contrastive step.
 
-Nothing here keeps module-level state, and the sampler and logger are rank-aware, so a
-``torchrun`` launcher can wrap the loops later without a rewrite.
+Nothing here keeps module-level state, and the sampler and logger are rank-aware.
 """
 
 from __future__ import annotations
