@@ -71,7 +71,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from clpoison.config import config_from_dict, load_config
+    from clpoison.config import apply_overrides, config_from_dict, load_config
     from clpoison.data import normalization_stats
     from clpoison.eval import evaluate_encoder
     from clpoison.engine import (build_method, check_signature, load_checkpoint, load_data,
@@ -87,10 +87,7 @@ def cmd_eval(args) -> int:
             raise ClpoisonError(f"{args.checkpoint} is not a clpoison checkpoint (no config/method); "
                                 f"pass the checkpoint.pt of a `clpoison train` run")
         cfg = config_from_dict(json.loads(state["config"]))
-        for o in _overrides(args):
-            from clpoison.config import _parse_override, _set
-
-            _set(cfg, *_parse_override(o))
+        apply_overrides(cfg, _overrides(args))
     else:
         cfg = load_config(args.preset, args.algorithm, _overrides(args))
     if args.probe:
@@ -163,7 +160,7 @@ def cmd_matrix(args) -> int:
 def _poisoned_data(args):
     """The clean data a poison was made for (from its recorded config), and the poison."""
     from clpoison.attacks import load_poison
-    from clpoison.config import _parse_override, _set, config_from_dict
+    from clpoison.config import apply_overrides, config_from_dict
     from clpoison.engine import load_data
 
     header = load_poison(args.poison)            # validates the file before any data work
@@ -172,8 +169,7 @@ def _poisoned_data(args):
         raise ClpoisonError(f"{args.poison} records no generation config; cannot tell which data "
                             f"it belongs to")
     cfg = config_from_dict(recorded)
-    for o in _overrides(args):
-        _set(cfg, *_parse_override(o))
+    apply_overrides(cfg, _overrides(args))
     clean_train, test = load_data(cfg)
     poison = load_poison(args.poison, dataset=clean_train)
     return poison, clean_train, test

@@ -156,7 +156,8 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=20"`` -> ``("train.epochs", 20)`` (the value read as YAML)."""
     if "=" not in text:
         raise ClpoisonError(f"override {text!r} is not KEY=VALUE; write e.g. train.epochs=20")
     key, raw = text.split("=", 1)
@@ -167,7 +168,8 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _set(cfg: Config, dotted: str, value: Any) -> None:
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set one dotted setting (``train.epochs``, ``attack.cp-s.rounds``), checked against its type."""
     parts = dotted.split(".")
     if parts[0] == "attack":
         target = cfg.attack
@@ -187,11 +189,11 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     names = {f.name: f for f in fields(section)}
     if parts[1] not in names:
         raise ClpoisonError(f"unknown setting {dotted!r}; {parts[0]} has: {', '.join(names)}")
-    value = _coerce(dotted, value, typing.get_type_hints(type(section))[parts[1]])
+    value = coerce(dotted, value, typing.get_type_hints(type(section))[parts[1]])
     setattr(section, parts[1], value)
 
 
-def _coerce(dotted: str, value: Any, hint: Any) -> Any:
+def coerce(dotted: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against the field's declared type; ints are accepted for floats."""
     args = typing.get_args(hint)
     allowed = [a for a in args if a is not type(None)] if args and type(None) in args else [hint]
@@ -221,13 +223,20 @@ def _coerce(dotted: str, value: Any, hint: Any) -> Any:
     raise ClpoisonError(f"setting {dotted}: expected {names}, got {value!r}")
 
 
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``KEY=VALUE`` strings to ``cfg`` in place (and return it), each checked."""
+    for text in overrides:
+        set_value(cfg, *parse_override(text))
+    return cfg
+
+
 def _apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> None:
     for key, value in mapping.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and dotted in SECTIONS:
             _apply_mapping(cfg, value, prefix=f"{dotted}.")
         else:
-            _set(cfg, dotted, value)
+            set_value(cfg, dotted, value)
 
 
 def load_config(preset: str = "mini", algorithm: str | None = None,
@@ -247,7 +256,7 @@ def load_config(preset: str = "mini", algorithm: str | None = None,
     per_algorithm = raw.pop("per_algorithm", {}) or {}
     _apply_mapping(cfg, raw)
     items = list(overrides.items()) if isinstance(overrides, dict) else [
-        _parse_override(o) for o in (overrides or [])]
+        parse_override(o) for o in (overrides or [])]
     user_alg = dict(items).get("ssl.algorithm")
     alg = algorithm or user_alg or cfg.ssl.algorithm
     from clpoison.ssl import METHODS  # late import: config must not drag torch models in early
@@ -258,7 +267,7 @@ def load_config(preset: str = "mini", algorithm: str | None = None,
     cfg.ssl.algorithm = alg
     _apply_mapping(cfg, per_algorithm.get(alg, {}) or {})
     for key, value in items:
-        _set(cfg, key, value)
+        set_value(cfg, key, value)
     return cfg
 
 

@@ -12,24 +12,25 @@ Example::
 
 from pathlib import Path
 
-from clpoison.attacks.ap import APConfig, generate_ap
-from clpoison.attacks.cp import CPConfig, cp_config, generate_cp
+from clpoison.attacks.ap import generate_ap
+from clpoison.attacks.cp import cp_config, generate_cp
 from clpoison.attacks.poison import (POISON_FILE, Poison, check_dataset, load_poison,
                                      max_uint8_step)
-from clpoison.attacks.random_noise import random_noise
-from clpoison.attacks.settings import ATTACK_NAMES
-from clpoison.attacks.ue import UEConfig, generate_ue
+from clpoison.attacks.random_noise import generate_random, random_noise
+from clpoison.attacks.settings import (ATTACK_NAMES, CONTRASTIVE_ATTACKS, SUPERVISED_ATTACKS,
+                                       APConfig, CPConfig, UEConfig, attack_settings, check_attack)
+from clpoison.attacks.ue import generate_ue
 from clpoison.errors import ClpoisonError
 
-CONTRASTIVE_ATTACKS = ("cp-c", "cp-s")
-SUPERVISED_ATTACKS = ("ue-c", "ue-s", "ap")
+# attack name -> generator(cfg, out_dir, *, attack, train_set, test_set, resume, progress)
+GENERATORS = {"cp-c": generate_cp, "cp-s": generate_cp, "ue-c": generate_ue, "ue-s": generate_ue,
+              "ap": generate_ap, "random": generate_random, "random-c": generate_random}
 
 
 def attacker_algorithm(attack: str, requested: str | None = None) -> str:
     """The surrogate an attack trains: the contrastive algorithm for CP (default simclr),
     ``supervised`` for UE and AP, none for random noise."""
-    if attack not in ATTACK_NAMES:
-        raise ClpoisonError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACK_NAMES)}")
+    check_attack(attack)
     if attack in CONTRASTIVE_ATTACKS:
         if requested == "supervised":
             raise ClpoisonError(f"{attack} poisons a contrastive learner; --algorithm must be "
@@ -45,35 +46,19 @@ def generate_poison(attack: str, cfg, out_dir, *, train_set=None, test_set=None,
     """Run ``attack`` with ``cfg`` (its algorithm from :func:`attacker_algorithm`) in
     ``out_dir``; returns the path of the poison file. Finished work in ``out_dir`` is resumed."""
     out_dir = Path(out_dir)
+    check_attack(attack)
+    extra = {}
     if attack in CONTRASTIVE_ATTACKS:
-        generate_cp(cfg, out_dir, attack=attack, train_set=train_set, init=init,
-                    init_generator=init_generator, resume=resume, progress=progress)
+        extra = dict(init=init, init_generator=init_generator)
     elif init is not None or init_generator is not None:
         raise ClpoisonError(f"--init and --init-generator apply to cp-c/cp-s only, not {attack}")
-    elif attack in ("ue-c", "ue-s"):
-        generate_ue(cfg, out_dir, attack=attack, train_set=train_set, resume=resume,
-                    progress=progress)
-    elif attack == "ap":
-        generate_ap(cfg, out_dir, train_set=train_set, test_set=test_set, resume=resume,
-                    progress=progress)
-    elif attack in ("random", "random-c"):
-        if train_set is None:
-            from clpoison.engine import load_data
-
-            train_set, _ = load_data(cfg)
-        from clpoison.config import _coerce
-
-        eps = _coerce("attack.epsilon", cfg.attack.get("epsilon", 8 / 255), float)
-        if not 0 < eps <= 1:
-            raise ClpoisonError(f"attack.epsilon must be in (0, 1] pixel units, got {eps}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        random_noise(train_set, eps, "sample" if attack == "random" else "class",
-                     seed=cfg.train.seed + 12345).save(out_dir / POISON_FILE)
-    else:
-        raise ClpoisonError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACK_NAMES)}")
+    GENERATORS[attack](cfg, out_dir, attack=attack, train_set=train_set, test_set=test_set,
+                       resume=resume, progress=progress, **extra)
     return out_dir / POISON_FILE
 
 
-__all__ = ["APConfig", "ATTACK_NAMES", "CPConfig", "Poison", "UEConfig", "attacker_algorithm",
-           "check_dataset", "cp_config", "generate_ap", "generate_cp", "generate_poison",
-           "generate_ue", "load_poison", "max_uint8_step", "random_noise"]
+__all__ = ["APConfig", "ATTACK_NAMES", "CONTRASTIVE_ATTACKS", "CPConfig", "GENERATORS", "Poison",
+           "SUPERVISED_ATTACKS", "UEConfig", "attack_settings", "attacker_algorithm",
+           "check_attack", "check_dataset", "cp_config", "generate_ap", "generate_cp",
+           "generate_poison", "generate_random", "generate_ue", "load_poison", "max_uint8_step",
+           "random_noise"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from clpoison.attacks.pgd import signed_step
 from clpoison.attacks.poison import POISON_FILE, Poison
+from clpoison.attacks.settings import APConfig, attack_settings
 from clpoison.attacks.ue import frozen_copy
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
@@ -40,35 +41,11 @@ from clpoison.utils import versions, write_json_atomic
 CHECKPOINT = "generation.pt"
 
 
-@dataclass
-class APConfig:
-    epsilon: float = 8 / 255
-    pgd_steps: int = 250           # Fowl et al.: 250
-    step_size: float = 0.1         # fraction of epsilon per signed step
-    targeted: bool = True          # towards pi(y) = (y + 1) mod K; false: away from y
-    augment: bool = True           # fresh differentiable crop + flip every PGD step
-    craft_epochs: int | None = None  # crafting model's clean training; None: train.epochs
-    init: str = "zeros"
-    checkpoint_every: int = 5      # batches between checkpoints
-    seed: int | None = None        # None: train.seed + 3000
-
-    def resolved(self) -> "APConfig":
-        c = APConfig(**asdict(self))
-        if not 0 < c.epsilon <= 1:
-            raise ClpoisonError(f"attack.epsilon must be in (0, 1] pixel units, got {c.epsilon}")
-        if c.pgd_steps < 1:
-            raise ClpoisonError(f"attack.ap.pgd_steps must be >= 1, got {c.pgd_steps}")
-        if not 0 < c.step_size <= 2:
-            raise ClpoisonError(f"attack.ap.step_size is a fraction of epsilon in (0, 2], got {c.step_size}")
-        if c.craft_epochs is not None and c.craft_epochs < 1:
-            raise ClpoisonError(f"attack.ap.craft_epochs must be >= 1, got {c.craft_epochs}")
-        return c
 
 
 def ap_config(cfg: Config) -> APConfig:
-    from clpoison.attacks.settings import attack_settings
-
-    return attack_settings(cfg, "ap", APConfig)
+    """AP settings."""
+    return attack_settings(cfg, "ap")
 
 
 def target_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

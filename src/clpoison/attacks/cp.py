@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from clpoison.attacks.poison import POISON_FILE, Poison, load_poison
 from clpoison.attacks.pgd import signed_step
+from clpoison.attacks.settings import CONTRASTIVE_ATTACKS, CPConfig, attack_settings, check_attack
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
 from clpoison.models.fuse import fuse_conv_bn
@@ -48,91 +49,12 @@ from clpoison.engine import (load_resume_state, refuse_existing_run,
 from clpoison.utils import seed_everything, versions, write_json_atomic
 
 
-@dataclass
-class CPConfig:
-    """CP hyper-parameters (the ``attack`` section of a preset). Defaults: the original README."""
-
-    kind: str = "class"                 # class (CP-C) | sample (CP-S)
-    epsilon: float = 8 / 255
-    rounds: int | None = None           # None: 1000 (CP-C) / 200 (CP-S)
-    model_steps: int | None = None      # per round; None: 20 (CP-C) / one epoch (CP-S)
-    noise_steps: int | None = None      # batches per round; None: 20 (CP-C) / one epoch (CP-S)
-    pgd_steps: int | None = None        # signed steps per batch; None: 1 (CP-C) / 5 (CP-S)
-    step_size: float = 0.1              # per signed step, as a fraction of epsilon
-    bn_mode: str = "eval"               # BN during poison steps: eval (original) | train
-    dual_branch: bool = False           # poison gradient through the momentum/target branch too
-    noise_updates_momentum: bool = False  # original behaviour: EMA/queue move in poison steps
-    lr_schedule: str = "cosine"         # generator encoder lr: cosine (original) | constant |
-                                        # victim (train.warmup_epochs warm-up, then cosine, per episode)
-    restart_every: int = 0              # rounds per episode: the generator restarts from a fresh
-                                        # random init (a simulated victim); 0 = never
-    model_lr: float | None = None       # generator encoder lr; None: train.lr (the victim's)
-    min_lr_ratio: float | None = None   # generator cosine ends at lr * this; None: train.min_lr_ratio
-    warm_start_epochs: float = 0.0      # clean contrastive epochs before the first round
-    young_generators: int = 0           # extra generators restarted from a random init every
-                                        # young_every rounds (staggered), trained on the poisoned
-                                        # data with a victim's schedule: simulated young victims
-                                        # whose gradients join every poison step (an ensemble)
-    young_every: int = 8                # rounds in a young generator's life
-    young_bn_mode: str = "train"        # BN of young generators in poison steps (their running
-                                        # statistics lag their fast-moving weights)
-    init: str = "uniform"               # uniform | zeros (ignored with an init poison file)
-    continue_generator: bool = False    # story/matrix: CP-S continues the CP-C generator run
-    start_from_cpc: bool = True         # story/matrix: CP-S starts from the CP-C poison (the
-                                        # paper); false: from ``init`` (uniform noise)
-    log_every: int = 10                 # rounds between loss-gap diagnostics
-    checkpoint_every: int = 50          # rounds between generation checkpoints
-    seed: int | None = None             # None: train.seed + 1000 (generator != victim seed)
-
-    def resolved(self) -> "CPConfig":
-        c = CPConfig(**asdict(self))
-        cls = self.kind == "class"
-        if self.kind not in ("class", "sample"):
-            raise ClpoisonError(f"attack.kind must be class or sample, got {self.kind!r}")
-        c.rounds = c.rounds if c.rounds is not None else (1000 if cls else 200)
-        c.pgd_steps = c.pgd_steps if c.pgd_steps is not None else (1 if cls else 5)
-        if cls:
-            c.model_steps = c.model_steps if c.model_steps is not None else 20
-            c.noise_steps = c.noise_steps if c.noise_steps is not None else 20
-        if self.bn_mode not in ("eval", "train"):
-            raise ClpoisonError(f"attack.bn_mode must be eval or train, got {self.bn_mode!r}")
-        if self.lr_schedule not in ("cosine", "constant", "victim"):
-            raise ClpoisonError(f"attack.lr_schedule must be cosine, constant or victim, got "
-                                f"{self.lr_schedule!r}")
-        if self.young_generators < 0 or self.young_every < 1:
-            raise ClpoisonError(f"attack.young_generators must be >= 0 and attack.young_every >= 1 "
-                                f"round, got {self.young_generators} and {self.young_every}")
-        if self.young_bn_mode not in ("eval", "train"):
-            raise ClpoisonError(f"attack.young_bn_mode must be eval or train, got {self.young_bn_mode!r}")
-        if self.restart_every < 0:
-            raise ClpoisonError(f"attack.restart_every must be >= 0 rounds, got {self.restart_every}")
-        if not 0 < self.epsilon <= 1:
-            raise ClpoisonError(f"attack.epsilon must be in (0, 1] pixel units (8/255 = 0.0314), got {self.epsilon}")
-        for name in ("rounds", "pgd_steps", "model_steps", "noise_steps"):
-            value = getattr(c, name)
-            if value is not None and value < (0 if name == "model_steps" else 1):
-                raise ClpoisonError(f"attack.{name} must be >= {0 if name == 'model_steps' else 1}, got {value}")
-        if self.min_lr_ratio is not None and not 0 <= self.min_lr_ratio <= 1:
-            raise ClpoisonError(f"attack.min_lr_ratio must be in [0, 1] (or empty for "
-                                f"train.min_lr_ratio), got {self.min_lr_ratio}")
-        if self.model_lr is not None and not self.model_lr > 0:
-            raise ClpoisonError(f"attack.model_lr must be > 0 (or empty for train.lr), got {self.model_lr}")
-        if not 0 < self.step_size <= 2:
-            raise ClpoisonError(f"attack.step_size is a fraction of epsilon in (0, 2], got {self.step_size}")
-        return c
-
-
-ATTACKS = {"cp-c": "class", "cp-s": "sample"}
 
 
 def cp_config(cfg: Config, attack: str = "cp-c") -> CPConfig:
     """CP settings for ``attack`` (cp-c | cp-s): the preset's ``attack`` section holds common keys
     at top level and per-attack keys under ``cp-c:`` / ``cp-s:``."""
-    from clpoison.attacks.settings import attack_settings
-
-    if attack not in ATTACKS:
-        raise ClpoisonError(f"unknown CP attack {attack!r}; choose cp-c or cp-s")
-    return attack_settings(cfg, attack, CPConfig, kind=ATTACKS[attack])
+    return attack_settings(cfg, check_attack(attack, CONTRASTIVE_ATTACKS))
 
 
 def poison_step(method, augment, delta: torch.Tensor, x: torch.Tensor, prow: torch.Tensor,

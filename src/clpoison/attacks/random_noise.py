@@ -8,6 +8,8 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from clpoison.attacks.poison import Poison
@@ -18,3 +20,21 @@ def random_noise(train_set, epsilon: float, kind: str = "sample", seed: int = 0)
     return Poison.for_dataset(kind, epsilon, train_set, init="uniform",
                               generator=torch.Generator().manual_seed(seed), attack=name,
                               algorithm="none", seed=seed)
+
+
+def generate_random(cfg, out_dir, *, attack: str = "random", train_set=None, resume: bool = False,
+                    progress: bool = True, **_ignored) -> Poison:
+    """Random noise with ``cfg``'s budget (``attack.epsilon``), seeded by ``train.seed``, written
+    to ``out_dir/poison.safetensors``. Nothing to resume: it takes a moment."""
+    from clpoison.attacks.poison import POISON_FILE
+    from clpoison.attacks.settings import attack_settings, check_attack
+    from clpoison.engine import load_data
+
+    a = attack_settings(cfg, check_attack(attack, ("random", "random-c")))
+    if train_set is None:
+        train_set, _ = load_data(cfg)
+    poison = random_noise(train_set, a.epsilon, a.kind, seed=cfg.train.seed + 12345)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    poison.save(out_dir / POISON_FILE)
+    return poison

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clpoison.attacks.pgd import signed_step
+from clpoison.attacks.settings import UEConfig, attack_settings, check_attack
 from clpoison.attacks.poison import POISON_FILE, Poison
 from clpoison.config import Config
 from clpoison.errors import ClpoisonError
@@ -42,48 +43,11 @@ from clpoison.utils import seed_everything, versions, write_json_atomic
 CHECKPOINT = "generation.pt"
 
 
-@dataclass
-class UEConfig:
-    kind: str = "sample"
-    epsilon: float = 8 / 255
-    model_steps: int = 10          # surrogate SGD steps per round (original: train_step 10)
-    pgd_steps: int | None = None   # per batch; None: 20 (sample-wise) / 1 (class-wise)
-    step_size: float = 0.1         # fraction of epsilon (0.8/255 at 8/255, as the original)
-    stop_error: float | None = None  # None: 0.01 (sample-wise) / 0.1 (class-wise)
-    max_rounds: int = 100
-    augment_noise: bool = False    # augment during poison steps (the original did not)
-    init: str = "uniform"
-    log_every: int = 1
-    checkpoint_every: int = 5
-    seed: int | None = None        # None: train.seed + 2000
-
-    def resolved(self) -> "UEConfig":
-        c = UEConfig(**asdict(self))
-        if c.kind not in ("class", "sample"):
-            raise ClpoisonError(f"UE kind must be class or sample, got {c.kind!r}")
-        c.pgd_steps = c.pgd_steps if c.pgd_steps is not None else (20 if c.kind == "sample" else 1)
-        c.stop_error = c.stop_error if c.stop_error is not None else (
-            0.01 if c.kind == "sample" else 0.1)
-        if not 0 < c.epsilon <= 1:
-            raise ClpoisonError(f"attack.epsilon must be in (0, 1] pixel units, got {c.epsilon}")
-        if c.pgd_steps < 1 or c.max_rounds < 1 or c.model_steps < 0:
-            raise ClpoisonError("UE needs pgd_steps >= 1, max_rounds >= 1 and model_steps >= 0")
-        if not 0 < c.step_size <= 2:
-            raise ClpoisonError(f"attack step_size is a fraction of epsilon in (0, 2], got {c.step_size}")
-        if not 0 <= c.stop_error < 1:
-            raise ClpoisonError(f"stop_error is a training error in [0, 1), got {c.stop_error}")
-        return c
-
-
-ATTACKS = {"ue-c": "class", "ue-s": "sample"}
 
 
 def ue_config(cfg: Config, attack: str = "ue-s") -> UEConfig:
-    from clpoison.attacks.settings import attack_settings
-
-    if attack not in ATTACKS:
-        raise ClpoisonError(f"unknown UE attack {attack!r}; choose ue-c or ue-s")
-    return attack_settings(cfg, attack, UEConfig, kind=ATTACKS[attack])
+    """UE settings for ``attack`` (ue-c | ue-s)."""
+    return attack_settings(cfg, check_attack(attack, ("ue-c", "ue-s")))
 
 
 def frozen_copy(model, memory_format):
