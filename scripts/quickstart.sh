@@ -3,7 +3,7 @@
 # (clean SimCLR victims, CP-C and CP-S poisons, victims on the poisoned data, random-noise
 # control, random-init floor, report).
 #   scripts/quickstart.sh                  # preset `cpu`: 2 seeds, CP-C and CP-S (50-75 min on 2
-#                                          # cores with native bf16; see README "Measured")
+#                                          # cores with native bf16; see docs/results.md)
 #   PRESET=mini scripts/quickstart.sh      # a smoke run of the pipeline (CP-C and CP-S, 1 seed,
 #                                          # ~11 min, no effect)
 # Extra arguments go to `clpoison story` (e.g. --seeds 0,1 --attacks cp-c,cp-s).

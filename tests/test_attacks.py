@@ -104,10 +104,9 @@ def test_dual_branch_changes_poison_gradient(small_cifar, alg):
     prow = poison.rows(train.labels, train.indices)[rows]
     results = []
     for dual in (False, True):
-        method.target_branch_grad = dual
         delta = poison.perturbation.clone()
         poison_step(method, augment, delta, x, prow, 1.0, 1.0, torch.Generator().manual_seed(5),
-                    torch.contiguous_format)  # step 1 with eps 1: delta = -sign(grad)
+                    torch.contiguous_format, target_grad=dual)  # step 1 with eps 1: delta = -sign(grad)
         results.append(delta[:16].clone())
     assert not torch.equal(results[0], results[1])
 
@@ -277,46 +276,59 @@ def test_generator_cosine_ends_at_its_own_floor(tmp_path, small_cifar):
                     tmp_path / "bad", attack="cp-s", train_set=train, progress=False)
 
 
-def test_ensemble_step_follows_the_normalised_sum_of_gradients():
-    # An ensemble step is sign(sum_k g_k / mean|g_k|): a network whose loss is scaled by 1000
-    # must not dominate, and a one-network "ensemble" equals the plain step.
-    from clpoison.attacks.pgd import signed_step
+def _generator(alg, small_cifar, **over):
+    """A CPGenerator of the tiny mini config, as generate_cp builds it (no warm start)."""
+    from clpoison.attacks.cp import CPGenerator, cp_config, starting_poison
 
-    torch.manual_seed(0)
-    x = torch.full((8, 3, 32, 32), 0.5)                 # mid-grey: the [0, 1] clamp is inactive
-    prow = torch.arange(8)
-    w1, w2 = torch.randn(3, 32, 32), torch.randn(3, 32, 32)
-    loss_a = lambda xp: (xp * w1).sum()             # noqa: E731  gradient w1 (inside the clamp)
-    loss_b = lambda xp: 1000 * (xp * w2).sum()      # noqa: E731  gradient 1000 w2
-    start = torch.zeros(8, 3, 32, 32)
-    d_plain, d_one, d_two = start.clone(), start.clone(), start.clone()
-    signed_step(loss_a, d_plain, x, prow, 1.0, 1.0)
-    signed_step([loss_a], d_one, x, prow, 1.0, 1.0)
-    signed_step([loss_a, loss_b], d_two, x, prow, 1.0, 1.0)
-    assert torch.equal(d_plain, d_one)
-    want = -(w1 / w1.abs().mean() + w2 / w2.abs().mean()).sign()
-    assert torch.equal(d_two, want.expand_as(d_two))
-    assert not torch.equal(d_two, -w2.sign().expand_as(d_two))   # not the scaled network's alone
-
-
-def test_young_generators_restart_join_the_poison_step_and_resume(tmp_path, small_cifar):
     train, _ = small_cifar
-    over = {"attack.cp-s.rounds": 4, "attack.cp-s.model_steps": 1, "attack.cp-s.noise_steps": 1,
-            "attack.cp-s.pgd_steps": 1, "attack.young_generators": 2, "attack.young_every": 2,
-            "attack.checkpoint_every": 1, "attack.log_every": 1, "attack.warm_start_epochs": 0}
-    cfg = load_config("mini", "simclr", tiny_overrides(**over))
-    full = generate_cp(cfg, tmp_path / "full", attack="cp-s", train_set=train, progress=False)
-    records = [json.loads(v) for v in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert all("young_gap" in r for r in records if "round" in r)
-    alone = generate_cp(load_config("mini", "simclr", tiny_overrides(
-        **{**over, "attack.young_generators": 0})), tmp_path / "alone", attack="cp-s",
-        train_set=train, progress=False)
-    assert not torch.equal(full.perturbation, alone.perturbation)   # the young ones took part
-    assert generate_cp(cfg, tmp_path / "split", attack="cp-s", train_set=train, progress=False,
-                       stop_after=3) is None
-    resumed = generate_cp(cfg, tmp_path / "split", attack="cp-s", train_set=train, progress=False,
-                          resume=True)
-    assert torch.equal(full.perturbation, resumed.perturbation)
-    with pytest.raises(ClpoisonError, match="young_every"):
-        generate_cp(load_config("mini", "simclr", tiny_overrides(**{"attack.young_every": 0})),
-                    tmp_path / "bad", attack="cp-s", train_set=train, progress=False)
+    cfg = load_config("mini", alg, tiny_overrides(**{"attack.cp-s.noise_steps": 1,
+                                                     "attack.cp-s.pgd_steps": 2, **over}))
+    a = cp_config(cfg, "cp-s")
+    poison = starting_poison(cfg, a, train, None, seed=3)
+    return CPGenerator(cfg, a, train, poison, torch.device("cpu"), seed=3), train
+
+
+def test_noise_phase_moves_only_the_batch_rows_of_the_poison(small_cifar):
+    gen, train = _generator("simclr", small_cifar)
+    weights = {k: v.clone() for k, v in gen.method.state_dict().items()}
+    before = gen.delta.clone()
+    loss = gen.noise_phase(0)
+    assert loss > 0
+    for k, v in gen.method.state_dict().items():        # the generator itself is untouched
+        assert torch.equal(v, weights[k]), k
+    changed = (gen.delta != before).flatten(1).any(1)
+    batch = gen.row_of[gen.sampler.batches(10_000_000)[0]]
+    assert changed.sum() > 0 and set(changed.nonzero().flatten().tolist()) <= set(batch.tolist())
+    assert gen.delta.abs().max() <= gen.a.epsilon + 1e-9
+
+
+@pytest.mark.parametrize("original", [False, True])
+def test_noise_phase_moves_momentum_state_only_in_the_original_mode(small_cifar, original):
+    # MoCo v2 declares its key networks and queue; poison steps leave them alone unless
+    # attack.noise_updates_momentum (the original code's behaviour), which carries them back.
+    gen, _ = _generator("mocov2", small_cifar, **{"attack.noise_updates_momentum": original})
+    gen.model_phase(1, lambda s: 0.1)                   # keys exist, key encoder != encoder
+    queue, ptr = gen.method.queue.clone(), gen.method.queue_ptr.clone()
+    key = [p.clone() for p in gen.method.key_encoder.parameters()]
+    gen.noise_phase(0)
+    moved_key = any(not torch.equal(a, b) for a, b in zip(key, gen.method.key_encoder.parameters()))
+    assert moved_key == original
+    assert torch.equal(gen.method.queue, queue) != original
+    assert (int(gen.method.queue_ptr) != int(ptr)) == original
+
+
+@pytest.mark.parametrize("alg", ["mocov2", "byol"])
+def test_methods_declare_their_momentum_pairs(alg):
+    method, _ = _method_and_augment(alg)
+    pairs = method.momentum_pairs()
+    assert len(pairs) == 2
+    with torch.no_grad():
+        for online, _ in pairs:
+            for p in online.parameters():
+                p.add_(1.0)
+    before = [[p.clone() for p in target.parameters()] for _, target in pairs]
+    method.on_step_end()
+    for (online, target), old in zip(pairs, before):
+        for p_t, p_old, p_on in zip(target.parameters(), old, online.parameters()):
+            want = method.momentum * p_old + (1 - method.momentum) * p_on
+            assert torch.allclose(p_t, want)

@@ -146,6 +146,32 @@ def test_ue_generation_stops_and_resumes(tmp_path, small_cifar):
         generate_poison("ue-s", cfg, tmp_path / "u", train_set=train, progress=False)
 
 
+def test_ue_resumes_from_a_round_to_the_same_poison(tmp_path, small_cifar):
+    """UEGenerator's pieces run alone: one round by hand, saved, then resumed by generate_poison
+    gives the poison of an uninterrupted run."""
+    from dataclasses import asdict
+
+    from clpoison.attacks.ue import UEGenerator, ue_config
+    from clpoison.engine import save_checkpoint
+
+    train, test = small_cifar
+    cfg = _cfg(**{"attack.ue-s.max_rounds": 2, "attack.ue-s.pgd_steps": 2,
+                  "attack.ue-s.stop_error": 0.0})
+    full = load_poison(generate_poison("ue-s", cfg, tmp_path / "full", train_set=train,
+                                       progress=False), dataset=train)
+    ue = UEGenerator(cfg, ue_config(cfg, "ue-s"), "ue-s", train, torch.device("cpu"))
+    ue.surrogate_steps()
+    ue.noise_pass(0)
+    ue.round = 1
+    (tmp_path / "split").mkdir()
+    save_checkpoint(tmp_path / "split" / "generation.pt", ue.state())
+    assert ue.state()["attack"] == asdict(ue_config(cfg, "ue-s"))
+    resumed = load_poison(generate_poison("ue-s", cfg, tmp_path / "split", train_set=train,
+                                          resume=True, progress=False), dataset=train)
+    assert torch.equal(full.perturbation, resumed.perturbation)
+    assert resumed.meta["rounds_done"] == 2
+
+
 def test_matrix_reuses_cells_and_refuses_mismatch(tmp_path, small_cifar, monkeypatch):
     import clpoison.matrix as matrix
 

@@ -143,9 +143,11 @@ def test_each_defense_names_the_settings_it_reads():
     from clpoison.defenses import DEFENSES, settings_used
     from clpoison.matrix import _cell_key
 
-    from clpoison.defenses import _SETTINGS
+    from clpoison.defenses import REGISTRY
 
-    assert set(_SETTINGS) == set(DEFENSES)         # a new defense must say what it reads
+    assert set(REGISTRY) == set(DEFENSES)
+    # a new defense must say what it reads: only grayscale reads no setting
+    assert [n for n, spec in REGISTRY.items() if spec.settings is None] == ["grayscale"]
     assert settings_used(["jpeg"]) == ["jpeg_quality"]
     assert settings_used(["grayscale"]) == []
     assert set(settings_used(["adversarial"])) == {"adv_epsilon", "adv_steps", "adv_step_size"}

@@ -36,8 +36,12 @@ def test_presets_and_overrides():
 def test_config_errors():
     with pytest.raises(ClpoisonError, match="unknown preset"):
         load_config("nope")
-    with pytest.raises(ClpoisonError, match="unknown algorithm"):
-        load_config("mini", "simsiam")
+    from clpoison.ssl import check_algorithm
+
+    # the config knows settings, not algorithms: the name is checked where algorithms live
+    with pytest.raises(ClpoisonError, match="unknown algorithm 'simsiam'; choose one of simclr, "
+                                            "mocov2, byol, supervised"):
+        check_algorithm(load_config("mini", "simsiam").ssl.algorithm)
     with pytest.raises(ClpoisonError, match="train has"):
         load_config("mini", overrides=["train.epoch=3"])
     with pytest.raises(ClpoisonError, match="KEY=VALUE"):
@@ -60,3 +64,21 @@ def test_attack_settings_are_checked():
         cp_config(load_config("mini", "simclr", ["attack.cp-s.pgd_steps=0"]), "cp-s")
     assert cp_config(load_config("paper", "byol"), "cp-s").pgd_steps == 1
     assert cp_config(load_config("paper", "mocov2"), "cp-s").dual_branch is True
+
+
+def test_augment_section_is_the_augmentation_config():
+    """One augmentation config: YAML/override lists become its tuples, a bad value is refused at
+    once, and the whole config goes through JSON and back."""
+    import json
+
+    from clpoison.augment import AugmentConfig
+    from clpoison.config import config_from_dict
+
+    cfg = load_config("mini", "simclr", ["augment.scale=[0.08,1.0]", "augment.antialias=false"])
+    assert isinstance(cfg.augment, AugmentConfig)
+    assert cfg.augment.scale == (0.08, 1.0) and cfg.augment.antialias is False
+    assert load_config("mini", "simclr", {"augment.ratio": [0.5, 2]}).augment.ratio == (0.5, 2.0)
+    with pytest.raises(ClpoisonError, match="augment scale"):
+        load_config("mini", "simclr", ["augment.scale=[1.0,0.5]"])
+    back = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back.augment == cfg.augment and back.to_dict() == cfg.to_dict()

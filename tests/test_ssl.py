@@ -105,10 +105,9 @@ def test_dual_branch_changes_input_gradient(cls):
     x = torch.rand(4, 3, 16, 16)
     grads = []
     for dual in (False, True):
-        method.target_branch_grad = dual
         v1 = x.clone().requires_grad_(True)
         v2 = (x.flip(-1)).clone().requires_grad_(True)
-        method(v1, v2).backward()
+        method(v1, v2, target_grad=dual).backward()
         grads.append((v1.grad.clone(), None if v2.grad is None else v2.grad.clone()))
     # MoCo: without dual-branch the key view gets no gradient; with it, it does
     if cls is MoCoV2:

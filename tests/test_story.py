@@ -22,10 +22,11 @@ def test_story_writes_report_and_refuses_changed_settings(tmp_path, small_cifar,
         assert row in text
     assert re.search(r"\| cp-c \|.*\| \d+\.\d{3} \|$", text, re.M)   # the victim's train loss
     assert (tmp_path / "s" / "cp-c.png").exists() and "(cp-c.png)" in text
-    mtime = (tmp_path / "s" / "victims" / "clean-seed0" / "summary.json").stat().st_mtime
+    clean = tmp_path / "s" / "victims" / "clean" / "simclr" / "seed0" / "summary.json"
+    mtime = clean.stat().st_mtime
     story.run_story("mini", tmp_path / "s", seeds=[0], attacks=["cp-c"], overrides=over,
                     progress=False, log=lambda m: None)          # rerun: everything reused
-    assert (tmp_path / "s" / "victims" / "clean-seed0" / "summary.json").stat().st_mtime == mtime
+    assert clean.stat().st_mtime == mtime
     with pytest.raises(ClpoisonError, match="other settings"):
         story.run_story("mini", tmp_path / "s", seeds=[0], attacks=["cp-c"],
                         overrides=over + ["train.lr=0.2"], progress=False, log=lambda m: None)
@@ -62,3 +63,15 @@ def test_story_says_how_long_it_will_take(tmp_path, small_cifar, monkeypatch):
     story.run_story("mini", tmp_path / "s", seeds=[0], attacks=["cp-c"], overrides=over,
                     progress=False, log=second.append)    # everything finished: nothing left
     assert "about 0 min left on this machine (0 training steps" in second[0]
+
+
+def test_story_attacks_are_cp_in_generation_order():
+    from clpoison.config import load_config
+
+    cfg = load_config("mini", "simclr", [])
+    assert story.story_attacks(cfg, ["cp-s", "cp-c"]) == ["cp-c", "cp-s"]
+    assert story.story_attacks(cfg, ["cp-s"]) == ["cp-c", "cp-s"]     # CP-S starts from CP-C
+    alone = load_config("mini", "simclr", ["attack.cp-s.start_from_cpc=false"])
+    assert story.story_attacks(alone, ["cp-s"]) == ["cp-s"]
+    with pytest.raises(ClpoisonError, match="unknown attack 'ue-s'; choose one of cp-c, cp-s"):
+        story.story_attacks(cfg, ["ue-s"])

@@ -38,6 +38,20 @@ def test_resume_reaches_same_weights(tmp_path, small_cifar, alg):
         assert torch.equal(full[k], resumed[k]), k
 
 
+def test_one_epoch_of_the_victim_loop_on_its_own(tmp_path, small_cifar):
+    """The loop's pieces run alone: ContrastiveVictim's first epoch is pretrain's first epoch."""
+    from clpoison.train.pretrain import ContrastiveVictim
+
+    train, test = small_cifar
+    cfg = load_config("mini", "simclr", tiny_overrides())
+    run = ContrastiveVictim(cfg, tmp_path / "alone", resume=False, progress=False,
+                            train_set=train, probe_set=train, test_set=test)
+    loss, lr = run.train_epoch(0)
+    _run(tmp_path, small_cifar, "full", evaluate=False)
+    first = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == round(loss, 5) and first["lr"] == lr
+
+
 def test_summary_and_floor(tmp_path, small_cifar):
     s = _run(tmp_path, small_cifar, "run")
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())

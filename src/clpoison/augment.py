@@ -23,77 +23,19 @@ Usage::
 For a fixed draw (e.g. the same augmentation for a clean and a poisoned batch):
 ``p = aug.sample_params(len(x), generator=g, device=x.device); aug.apply(x, p); aug.apply(x + d, p)``.
 
-Implementation (device-agnostic eager PyTorch; a few batched kernels, custom backward passes)
---------------
-* All randomness is drawn in :meth:`ContrastiveAugment.sample_params`, as tensors on the target
-  device with the caller's generator, without a Python loop over samples: the same seed gives the
-  same augmentations, whatever the batch contents. ``apply`` makes one device->host sync (the
-  sizes of the hue groups below).
-* Crop + resize + flip is separable, so it is two batched matrix products,
-  ``out = Ry @ x @ Rx^T``, with per-sample (size x H) and (size x W) resampling matrices. They hold
-  PIL's bilinear ("triangle") filter on the crop box: on upscaling (the paper's case), exactly the
-  weights of ``F.interpolate(crop, mode="bilinear", align_corners=False)`` / ``F.grid_sample`` on the
-  box's pixel centres with the source coordinates clamped to the box (crop first, then resize);
-  when a box side is larger than ``size``, the filter widened by the scale, i.e. PIL's (and
-  torch's ``antialias=True``) antialiasing. The flip reverses the rows of ``Rx``. This is an exact,
-  faster form of the per-sample ``affine_grid`` + ``grid_sample`` (whose CPU backward is slow).
-* Brightness, contrast and saturation are each ``clamp(M x + c, 0, 1)`` with a per-sample 3x3
-  colour matrix (f I; f I + (1 - f) 1 w^T for saturation) and offset ((1 - f) * mean grey level for
-  contrast). With the per-sample order, position p of the 4 applies one such map to every sample
-  (identity for the samples whose op there is hue, or that have no jitter): one ``baddbmm`` and a
-  clamp. Samples are sorted once by the position of hue in their order, so hue is applied at each
-  position to one contiguous group.
-* Hue is an exact closed form of torchvision's tensor RGB -> HSV -> shift -> RGB round trip: the
-  round trip keeps each pixel's max M and min m, and the result is, per channel,
-  ``m + (M - m) * clamp(|v| - 1, 0, 1)`` with ``v = (6 * hue + 6 * shift + n + 1) mod 6 - 3``,
-  n = (5, 3, 1) for (R, G, B) (see ``_Hue``), a piecewise-linear map: no HSV tensors, no ``where``.
-* Backward passes are written by hand (``_CropResample``, ``_JitterStep``, ``_Hue``,
-  ``_ColourAffine``): autograd through max/min/where/clamp and through slicing is several times
-  slower on CPU. They are checked against finite differences (gradcheck) and against kornia's
-  autograd. Gradients of the clamps follow ``torch.clamp`` (passed where 0 <= pre <= 1).
-
-Deviations from torchvision/PIL (the paper's victim pipeline: PIL images through torchvision)
--------------------------------------------------------------------------------------------
-1. No uint8 rounding between ops: PIL rounds to 8 bits after the crop and after every colour op
-   (and ImageEnhance.Contrast uses the *rounded* integer grey mean; Color the rounded grey image).
-   Here everything stays float. Measured on CIFAR-10: within 1/255 (crop, grayscale), 2/255
-   (brightness, contrast, saturation).
-2. Hue: PIL converts to 8-bit HSV (truncating) and shifts hue in steps of 1/255 turn
-   (``int8(hue * 255)``); here hue is continuous, with torchvision's *tensor* HSV formulas (mean
-   difference to PIL ~0.3/255; up to ~12/255 on a few fully saturated pixels).
-3. Grey weights (0.299, 0.587, 0.114), as PIL's ``convert("L")``, for RandomGrayscale, the contrast
-   mean and the saturation blend (torchvision's tensor path uses 0.2989).
-4. The order of the 4 jitter ops is a random permutation drawn per *sample* (torchvision and kornia
-   draw one per call, i.e. one per batch when used batched). Each sample's distribution is
-   torchvision's for one image.
-5. Crop boxes follow torchvision's algorithm (10 trials of area ~ U(scale), log-ratio ~ U(log
-   ratio), whole-pixel w, h, first fitting one, else the centre-crop fallback) but are drawn
-   vectorised in float32 on the device (torchvision: float64 on the CPU, offsets drawn only for the
-   accepted trial). Same distribution, different random stream.
-6. Bilinear resampling is PIL's, antialiasing included. This matters only when a box side is
-   larger than ``size``; never for the paper's 32x32 output from 32x32 images (a box is at most
-   the image, so every crop is upscaled or copied 1:1, where PIL, torch and kornia agree).
-   ``AugmentConfig(antialias=False)`` gives plain bilinear when downscaling (kornia, torchvision
-   tensors with ``antialias=False``).
-7. float16/bfloat16 inputs are processed in float32 (hue needs the precision); the output is cast
-   back to the input dtype. float64 stays float64.
-8. Inputs are assumed to lie in [0, 1] (not checked: that would cost a device sync). Samples
-   without jitter, or whose op at a position is hue, go through an identity map and a clamp,
-   which leaves in-range pixels unchanged (torchvision would not clamp them at all).
-9. Where two channels tie for a pixel's max (or min), the hue gradient goes to the first one
-   (R, G, B order, as torchvision's sextant choice); autograd through ``amax`` would split it.
-   Both are valid subgradients; elsewhere the gradients equal autograd's.
-Clamps give zero gradient where a pixel saturates, as in any implementation of this recipe.
+How it is implemented (separable crop-resample matrices, colour maps as batched affine maps, a
+closed-form hue, hand-written backward passes) and its nine deviations from torchvision/PIL:
+docs/augment.md.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from clpoison.config import AugmentConfig, is_number
 from clpoison.errors import ClpoisonError
 
 __all__ = [
@@ -121,62 +63,6 @@ GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 _N_TRIALS = 10
 _HUE_OFFSETS = (5.0, 3.0, 1.0)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Parameters of the SimCLR augmentation (defaults: the CP paper's CIFAR recipe).
-
-    ``scale`` is the range of the crop's area as a fraction of the image, ``ratio`` the range of its
-    aspect ratio (width / height); ``brightness``/``contrast``/``saturation`` x draw a factor from
-    U(max(0, 1 - x), 1 + x), ``hue`` h a shift (in turns) from U(-h, h); ``*_p`` are probabilities.
-    ``antialias`` widens the bilinear filter when downscaling, as PIL does.
-    """
-
-    size: int = 32
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    antialias: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise ClpoisonError(f"augment size must be a positive integer (output side in pixels), "
-                                f"got {self.size!r}; set e.g. size=32.")
-        for name, lo_ok in (("scale", 0.0), ("ratio", 0.0)):
-            v = getattr(self, name)
-            try:
-                lo, hi = v
-            except (TypeError, ValueError):
-                raise ClpoisonError(f"augment {name} must be a pair (low, high), got {v!r}.") from None
-            if not (_is_number(lo) and _is_number(hi)) or not (lo_ok < lo <= hi):
-                raise ClpoisonError(f"augment {name} must be a pair 0 < low <= high, got {v!r}; "
-                                    f"the paper uses scale=(0.2, 1.0), ratio=(3/4, 4/3).")
-            object.__setattr__(self, name, (float(lo), float(hi)))
-        for name in ("flip_p", "jitter_p", "gray_p"):
-            v = getattr(self, name)
-            if not _is_number(v) or not 0.0 <= v <= 1.0:
-                raise ClpoisonError(f"augment {name} is a probability and must be in [0, 1], got {v!r}.")
-        for name in ("brightness", "contrast", "saturation"):
-            v = getattr(self, name)
-            if not _is_number(v) or v < 0:
-                raise ClpoisonError(f"augment {name} must be a number >= 0 (factor drawn from "
-                                    f"U(max(0, 1 - x), 1 + x); 0 disables it), got {v!r}.")
-        if not _is_number(self.hue) or not 0.0 <= self.hue <= 0.5:
-            raise ClpoisonError(f"augment hue must be in [0, 0.5] (shift in turns drawn from "
-                                f"U(-hue, hue); 0 disables it), got {self.hue!r}.")
-        if not isinstance(self.antialias, bool):
-            raise ClpoisonError(f"augment antialias must be True or False, got {self.antialias!r}.")
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -524,6 +410,60 @@ class _ColourAffine(torch.autograd.Function):
         return torch.bmm(mats.transpose(1, 2).contiguous(), grad.contiguous()), None, None
 
 
+def _draw_device(n, height, width, generator, device) -> torch.device:
+    """Check the arguments of ``sample_params``; the device its parameters are drawn on."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ClpoisonError(f"number of samples must be an integer >= 0, got {n!r}.")
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ClpoisonError(f"{name} must be a positive integer, got {v!r}.")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        raise ClpoisonError(f"the generator is on {generator.device} but parameters are drawn on "
+                            f"{device}; create it with torch.Generator(device={str(device)!r}).")
+    return device
+
+
+def _crop_boxes(cfg: AugmentConfig, u_area, u_ratio, ux, uy, height: int,
+                width: int) -> torch.Tensor:
+    """RandomResizedCrop's boxes (n, 4) ``x0, y0, w, h`` from uniforms: 10 vectorised trials
+    (``u_area``, ``u_ratio`` (n, 10)), the first valid one wins, else the centre fallback."""
+    area = float(height * width)
+    s0, s1 = cfg.scale
+    lr0, lr1 = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+    target = area * (s0 + (s1 - s0) * u_area)
+    aspect = torch.exp(lr0 + (lr1 - lr0) * u_ratio)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    any_ok = ok.any(dim=1)
+    first = torch.argmax(ok.to(torch.uint8), dim=1, keepdim=True)      # first True (0 if none)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    in_ratio = width / height
+    if in_ratio < cfg.ratio[0]:
+        fw, fh = width, int(round(width / cfg.ratio[0]))
+    elif in_ratio > cfg.ratio[1]:
+        fw, fh = int(round(height * cfg.ratio[1])), height
+    else:
+        fw, fh = width, height
+    w = torch.where(any_ok, w, torch.full_like(w, fw))
+    h = torch.where(any_ok, h, torch.full_like(h, fh))
+    x0 = torch.minimum(torch.floor(ux * (width - w + 1)), width - w)   # randint(0, W - w + 1)
+    y0 = torch.minimum(torch.floor(uy * (height - h + 1)), height - h)
+    x0 = torch.where(any_ok, x0, torch.full_like(x0, (width - fw) // 2))
+    y0 = torch.where(any_ok, y0, torch.full_like(y0, (height - fh) // 2))
+    return torch.stack((x0, y0, w, h), dim=1)
+
+
+def _factor(x: float, uni: torch.Tensor) -> torch.Tensor:
+    """ColorJitter's factor for strength ``x``: U(max(0, 1 - x), 1 + x) from uniforms ``uni``."""
+    lo = max(0.0, 1.0 - x)
+    return lo + (1.0 + x - lo) * uni
+
+
 class ContrastiveAugment(nn.Module):
     """SimCLR-style augmentation of the CP paper, batched, per-sample random, differentiable in the pixels.
 
@@ -557,75 +497,24 @@ class ContrastiveAugment(nn.Module):
         (0 brightness, 1 contrast, 2 saturation, 3 hue; applied left to right), and
         ``image_size``, a CPU long tensor (height, width) that :meth:`apply` checks.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ClpoisonError(f"number of samples must be an integer >= 0, got {n!r}.")
         cfg = self.config
         height = cfg.size if height is None else height
         width = cfg.size if width is None else width
-        for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ClpoisonError(f"{name} must be a positive integer, got {v!r}.")
-        if device is None:
-            device = generator.device if generator is not None else torch.device("cpu")
-        device = torch.device(device)
-        if generator is not None and generator.device.type != device.type:
-            raise ClpoisonError(f"the generator is on {generator.device} but parameters are drawn on "
-                                f"{device}; create it with torch.Generator(device={str(device)!r}).")
+        device = _draw_device(n, height, width, generator, device)
         # One draw of all the uniforms (columns: 10 areas, 10 log-ratios, x0, y0, flip, jitter,
         # brightness, contrast, saturation, hue, gray, 4 order keys).
         u = torch.rand((n, 2 * _N_TRIALS + 13), generator=generator, device=device,
                        dtype=torch.float32)
         u_area, u_ratio = u[:, :_N_TRIALS], u[:, _N_TRIALS:2 * _N_TRIALS]
         ux, uy, u_flip, u_jit, u_b, u_c, u_s, u_h, u_gray = u[:, 2 * _N_TRIALS:][:, :9].unbind(1)
-        u_order = u[:, -4:]
-
-        # --- RandomResizedCrop: 10 vectorised trials, first valid one wins, else centre fallback.
-        area = float(height * width)
-        s0, s1 = cfg.scale
-        lr0, lr1 = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
-        target = area * (s0 + (s1 - s0) * u_area)
-        aspect = torch.exp(lr0 + (lr1 - lr0) * u_ratio)
-        w = torch.round(torch.sqrt(target * aspect))
-        h = torch.round(torch.sqrt(target / aspect))
-        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        any_ok = ok.any(dim=1)
-        first = torch.argmax(ok.to(torch.uint8), dim=1, keepdim=True)      # first True (0 if none)
-        w = w.gather(1, first).squeeze(1)
-        h = h.gather(1, first).squeeze(1)
-        in_ratio = width / height
-        if in_ratio < cfg.ratio[0]:
-            fw, fh = width, int(round(width / cfg.ratio[0]))
-        elif in_ratio > cfg.ratio[1]:
-            fw, fh = int(round(height * cfg.ratio[1])), height
-        else:
-            fw, fh = width, height
-        w = torch.where(any_ok, w, torch.full_like(w, fw))
-        h = torch.where(any_ok, h, torch.full_like(h, fh))
-        x0 = torch.minimum(torch.floor(ux * (width - w + 1)), width - w)   # randint(0, W - w + 1)
-        y0 = torch.minimum(torch.floor(uy * (height - h + 1)), height - h)
-        x0 = torch.where(any_ok, x0, torch.full_like(x0, (width - fw) // 2))
-        y0 = torch.where(any_ok, y0, torch.full_like(y0, (height - fh) // 2))
-        box = torch.stack((x0, y0, w, h), dim=1)
-
-        flip = u_flip < cfg.flip_p
-
-        # --- ColorJitter (applied with prob jitter_p), per-sample factors and per-sample order.
-        jitter_on = u_jit < cfg.jitter_p
-
-        def factor(x, uni):
-            lo = max(0.0, 1.0 - x)
-            return lo + (1.0 + x - lo) * uni
-
-        brightness = factor(cfg.brightness, u_b)
-        contrast = factor(cfg.contrast, u_c)
-        saturation = factor(cfg.saturation, u_s)
-        hue = cfg.hue * (2.0 * u_h - 1.0)
-        order = torch.argsort(u_order, dim=1)                  # a uniform random permutation
-
-        gray = u_gray < cfg.gray_p
+        box = _crop_boxes(cfg, u_area, u_ratio, ux, uy, height, width)
+        # ColorJitter (applied with prob jitter_p), per-sample factors and per-sample order.
         return {
-            "box": box, "flip": flip, "jitter_on": jitter_on, "brightness": brightness,
-            "contrast": contrast, "saturation": saturation, "hue": hue, "order": order, "gray": gray,
+            "box": box, "flip": u_flip < cfg.flip_p, "jitter_on": u_jit < cfg.jitter_p,
+            "brightness": _factor(cfg.brightness, u_b), "contrast": _factor(cfg.contrast, u_c),
+            "saturation": _factor(cfg.saturation, u_s), "hue": cfg.hue * (2.0 * u_h - 1.0),
+            "order": torch.argsort(u[:, -4:], dim=1),          # a uniform random permutation
+            "gray": u_gray < cfg.gray_p,
             "image_size": torch.tensor([height, width], dtype=torch.long),
         }
 
@@ -764,7 +653,7 @@ class CropFlipAugment(nn.Module):
         super().__init__()
         if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
             raise ClpoisonError(f"padding must be an integer >= 0 (pixels), got {padding!r}")
-        if not _is_number(flip_p) or not 0.0 <= flip_p <= 1.0:
+        if not is_number(flip_p) or not 0.0 <= flip_p <= 1.0:
             raise ClpoisonError(f"flip_p is a probability in [0, 1], got {flip_p!r}")
         self.padding, self.flip_p = padding, float(flip_p)
         self.normalize = Normalize(mean, std)

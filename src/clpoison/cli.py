@@ -46,21 +46,31 @@ def _overrides(args) -> list[str]:
     return out
 
 
-def cmd_train(args) -> int:
+def _config(args, algorithm: str | None):
+    """The run's config: ``--preset``, ``algorithm`` and every override flag, with the algorithm
+    checked up front (before any data is read or any folder written)."""
     from clpoison.config import load_config
+    from clpoison.ssl import check_algorithm
+
+    cfg = load_config(args.preset, algorithm, _overrides(args))
+    check_algorithm(cfg.ssl.algorithm)
+    return cfg
+
+
+def cmd_train(args) -> int:
     from clpoison.train import train_victim
 
-    cfg = load_config(args.preset, args.algorithm, _overrides(args))
+    cfg = _config(args, args.algorithm)
     kwargs = {}
     if args.poison:
-        from clpoison.attacks import load_poison
+        from clpoison.attacks.poison import poison_meta, poisoned_dataset
         from clpoison.engine import load_data
 
         clean_train, test = load_data(cfg)
-        poison = load_poison(args.poison, dataset=clean_train)
-        kwargs = dict(train_set=poison.poison_dataset(clean_train), probe_set=clean_train,
+        attack = poison_meta(args.poison).get("attack")
+        kwargs = dict(train_set=poisoned_dataset(args.poison, clean_train), probe_set=clean_train,
                       test_set=test, extra_summary={"poison": str(args.poison),
-                                                    "poison_attack": poison.meta.get("attack")})
+                                                    "poison_attack": attack})
     summary = train_victim(cfg, args.out, resume=args.resume, progress=not args.quiet, **kwargs)
     print(json.dumps({"out": str(args.out), "final": summary.get("final"),
                       "random_init": summary.get("random_init"),
@@ -71,7 +81,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from clpoison.config import apply_overrides, config_from_dict, load_config
+    from clpoison.config import apply_overrides, config_from_dict
     from clpoison.data import normalization_stats
     from clpoison.eval import evaluate_encoder
     from clpoison.engine import (build_method, check_signature, load_checkpoint, load_data,
@@ -89,7 +99,7 @@ def cmd_eval(args) -> int:
         cfg = config_from_dict(json.loads(state["config"]))
         apply_overrides(cfg, _overrides(args))
     else:
-        cfg = load_config(args.preset, args.algorithm, _overrides(args))
+        cfg = _config(args, args.algorithm)
     if args.probe:
         cfg.eval.probe = args.probe
     device = setup_runtime(cfg)
@@ -119,7 +129,6 @@ def cmd_attack(args) -> int:
     import shutil
 
     from clpoison.attacks import attacker_algorithm, generate_poison
-    from clpoison.config import load_config
     from clpoison.utils import atomic_path
 
     out = Path(args.out)
@@ -127,8 +136,7 @@ def cmd_attack(args) -> int:
         raise ClpoisonError(f"--out must name a .safetensors file, got {out}")
     if out.exists() and not args.resume:
         raise ClpoisonError(f"{out} exists; choose another --out or pass --resume")
-    algorithm = attacker_algorithm(args.attack, args.algorithm)
-    cfg = load_config(args.preset, algorithm, _overrides(args))
+    cfg = _config(args, attacker_algorithm(args.attack, args.algorithm))
     run_dir = out.with_suffix(".run")
     written = generate_poison(args.attack, cfg, run_dir, init=args.init,
                               init_generator=args.init_generator, resume=args.resume,
@@ -158,20 +166,16 @@ def cmd_matrix(args) -> int:
 
 
 def _poisoned_data(args):
-    """The clean data a poison was made for (from its recorded config), and the poison."""
-    from clpoison.attacks import load_poison
-    from clpoison.config import apply_overrides, config_from_dict
+    """The poison of ``--poison`` and the clean data it was made for (from its recorded config,
+    with the override flags): (poison, clean training set, clean test set)."""
+    from clpoison.attacks.poison import check_dataset, load_poison, recorded_config
+    from clpoison.config import apply_overrides
     from clpoison.engine import load_data
 
-    header = load_poison(args.poison)            # validates the file before any data work
-    recorded = header.meta.get("config")
-    if not isinstance(recorded, dict):
-        raise ClpoisonError(f"{args.poison} records no generation config; cannot tell which data "
-                            f"it belongs to")
-    cfg = config_from_dict(recorded)
-    apply_overrides(cfg, _overrides(args))
+    poison = load_poison(args.poison)            # validates the file before any data work
+    cfg = apply_overrides(recorded_config(poison, args.poison), _overrides(args))
     clean_train, test = load_data(cfg)
-    poison = load_poison(args.poison, dataset=clean_train)
+    check_dataset(poison, clean_train, path=args.poison)
     return poison, clean_train, test
 
 
@@ -216,12 +220,7 @@ def cmd_story(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from clpoison.attacks.settings import ATTACK_NAMES
-
-    parser = argparse.ArgumentParser(prog="clpoison", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a victim (contrastive or --algorithm supervised) and "
                        "evaluate it on clean test data")
     _common(p)
@@ -238,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
+
+def _add_attack(sub) -> None:
+    from clpoison.attacks.settings import ATTACK_NAMES
+
     p = sub.add_parser("attack", help="generate a poison: cp-c, cp-s (Contrastive Poisoning), ue-c, "
                        "ue-s (unlearnable examples), ap (adversarial poisoning), random, random-c")
     p.add_argument("attack", choices=list(ATTACK_NAMES))
@@ -253,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_attack)
 
+
+def _add_matrix(sub) -> None:
     p = sub.add_parser("matrix", help="attack x victim table: every poison against every victim")
     _common(p)
     p.add_argument("--out", required=True, type=Path, help="folder for everything (rerun to resume)")
@@ -276,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_matrix)
 
+
+def _add_story(sub) -> None:
     p = sub.add_parser("story", help="the whole story: clean victim, CP poisons, poisoned victims, report")
     _common(p)
     p.add_argument("--out", required=True, type=Path, help="folder for everything (rerun to resume)")
@@ -288,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_story)
 
+
+def _add_poison_readers(sub) -> None:
     for name, func, helptext in (("export", cmd_export, "write the poisoned training set (+ clean test)"),
                                  ("show", cmd_show, "render a PNG of a poison")):
         p = sub.add_parser(name, help=helptext + "; data settings come from the poison's record")
@@ -301,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--per-class", type=int, default=2)
         p.set_defaults(func=func)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="linear probe + kNN of a checkpoint (or a random-init encoder)")
     _common(p)
     p.add_argument("--checkpoint", default=None,
@@ -310,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", choices=["fast", "paper"], default=None)
     p.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``clpoison`` parser: one subcommand per ``cmd_*`` function above."""
+    parser = argparse.ArgumentParser(prog="clpoison", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_attack, _add_matrix, _add_story, _add_poison_readers, _add_eval):
+        add(sub)
     return parser
 
 

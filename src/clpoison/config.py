@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -53,11 +54,25 @@ class SSLConfig:
     momentum: float | None = None      # None: 0.99 MoCo v2, 0.999 BYOL
 
 
-@dataclass
-class AugmentSection:
+def is_number(v) -> bool:
+    """A finite int or float, not a bool (``True`` is an int to Python)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Parameters of the SimCLR augmentation (``clpoison.augment``; defaults: the CP paper's CIFAR
+    recipe). The ``augment`` section of a preset; frozen, so a set value is checked at once.
+
+    ``scale`` is the range of the crop's area as a fraction of the image, ``ratio`` the range of its
+    aspect ratio (width / height); ``brightness``/``contrast``/``saturation`` x draw a factor from
+    U(max(0, 1 - x), 1 + x), ``hue`` h a shift (in turns) from U(-h, h); ``*_p`` are probabilities.
+    ``antialias`` widens the bilinear filter when downscaling, as PIL does.
+    """
+
     size: int = 32
-    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
     brightness: float = 0.4
     contrast: float = 0.4
@@ -65,6 +80,36 @@ class AugmentSection:
     hue: float = 0.1
     jitter_p: float = 0.8
     gray_p: float = 0.2
+    antialias: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ClpoisonError(f"augment size must be a positive integer (output side in pixels), "
+                                f"got {self.size!r}; set e.g. size=32.")
+        for name, lo_ok in (("scale", 0.0), ("ratio", 0.0)):
+            v = getattr(self, name)
+            try:
+                lo, hi = v
+            except (TypeError, ValueError):
+                raise ClpoisonError(f"augment {name} must be a pair (low, high), got {v!r}.") from None
+            if not (is_number(lo) and is_number(hi)) or not (lo_ok < lo <= hi):
+                raise ClpoisonError(f"augment {name} must be a pair 0 < low <= high, got {v!r}; "
+                                    f"the paper uses scale=(0.2, 1.0), ratio=(3/4, 4/3).")
+            object.__setattr__(self, name, (float(lo), float(hi)))
+        for name in ("flip_p", "jitter_p", "gray_p"):
+            v = getattr(self, name)
+            if not is_number(v) or not 0.0 <= v <= 1.0:
+                raise ClpoisonError(f"augment {name} is a probability and must be in [0, 1], got {v!r}.")
+        for name in ("brightness", "contrast", "saturation"):
+            v = getattr(self, name)
+            if not is_number(v) or v < 0:
+                raise ClpoisonError(f"augment {name} must be a number >= 0 (factor drawn from "
+                                    f"U(max(0, 1 - x), 1 + x); 0 disables it), got {v!r}.")
+        if not is_number(self.hue) or not 0.0 <= self.hue <= 0.5:
+            raise ClpoisonError(f"augment hue must be in [0, 0.5] (shift in turns drawn from "
+                                f"U(-hue, hue); 0 disables it), got {self.hue!r}.")
+        if not isinstance(self.antialias, bool):
+            raise ClpoisonError(f"augment antialias must be True or False, got {self.antialias!r}.")
 
 
 @dataclass
@@ -104,14 +149,14 @@ class DefenseConfig:
     """Defenses applied to a victim's training set / pipeline (``clpoison.defenses``), in order.
 
     Parameters the papers leave open are options here; the defaults are the ones we measured
-    (README, "Defenses")."""
+    (docs/defenses.md)."""
 
     names: list[str] = field(default_factory=list)   # e.g. [jpeg], [matrix-completion, cutout]
     # matrix completion (ME-Net, as the Contrastive Poisoning paper's countermeasure)
     mc_p: list[float] = field(default_factory=lambda: [0.4, 0.6])  # keep-probability range
     mc_copies: int = 1                  # masked copies of the training set (p spread over mc_p)
-    # softimpute by measurement (README, "Defenses"): at p 0.5 it keeps 19.4 dB on clean images
-    # and leaves 42% of a UE-S poison's energy; one-shot USVT keeps 13-17 dB and leaves 68-150%
+    # softimpute by measurement (docs/defenses.md): at p 0.5 it keeps 19.4 dB on clean images
+    # and leaves 42% of a UE-S poison's energy; one-shot USVT keeps 13.3-17.1 dB and leaves 62-133%
     mc_method: str = "softimpute"       # softimpute (iterative) | usvt (one truncated SVD)
     mc_channels: str = "concat"         # concat: one H x 3W matrix | separate: three H x W
     mc_rank: int | None = None          # keep this many singular values instead of the threshold
@@ -138,7 +183,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
-    augment: AugmentSection = field(default_factory=AugmentSection)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
@@ -190,7 +235,10 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     if parts[1] not in names:
         raise ClpoisonError(f"unknown setting {dotted!r}; {parts[0]} has: {', '.join(names)}")
     value = coerce(dotted, value, typing.get_type_hints(type(section))[parts[1]])
-    setattr(section, parts[1], value)
+    if type(section).__dataclass_params__.frozen:     # augment: a new, checked section
+        setattr(cfg, parts[0], dataclasses.replace(section, **{parts[1]: value}))
+    else:
+        setattr(section, parts[1], value)
 
 
 def coerce(dotted: str, value: Any, hint: Any) -> Any:
@@ -241,7 +289,10 @@ def _apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> No
 
 def load_config(preset: str = "mini", algorithm: str | None = None,
                 overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Build a Config from a preset name (or a YAML file path), an algorithm and overrides."""
+    """Build a Config from a preset name (or a YAML file path), an algorithm and overrides.
+
+    The algorithm's name is checked where algorithms live (``clpoison.ssl.check_algorithm``),
+    not here: the config knows settings, not algorithms."""
     path = Path(preset)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = PRESET_DIR / f"{preset}.yaml"
@@ -257,13 +308,7 @@ def load_config(preset: str = "mini", algorithm: str | None = None,
     _apply_mapping(cfg, raw)
     items = list(overrides.items()) if isinstance(overrides, dict) else [
         parse_override(o) for o in (overrides or [])]
-    user_alg = dict(items).get("ssl.algorithm")
-    alg = algorithm or user_alg or cfg.ssl.algorithm
-    from clpoison.ssl import METHODS  # late import: config must not drag torch models in early
-
-    known = (*METHODS, "supervised")
-    if alg not in known:
-        raise ClpoisonError(f"unknown algorithm {alg!r}; choose one of {', '.join(known)}")
+    alg = algorithm or dict(items).get("ssl.algorithm") or cfg.ssl.algorithm
     cfg.ssl.algorithm = alg
     _apply_mapping(cfg, per_algorithm.get(alg, {}) or {})
     for key, value in items:

@@ -8,7 +8,6 @@ Nothing here keeps module-level state, and the sampler and logger are rank-aware
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import sys
@@ -19,17 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from clpoison.augment import ContrastiveAugment
 from clpoison.config import Config
+from clpoison.data import balanced_subset, load_dataset, normalization_stats
+from clpoison.defenses import adversarial_settings, defend_dataset
 from clpoison.errors import ClpoisonError
-from clpoison.utils import atomic_path
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from clpoison.models import build_encoder
+from clpoison.ssl import build_method as _build
+from clpoison.utils import atomic_path, rank_and_world
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,8 +100,6 @@ def autocast(cfg: Config, device: torch.device):
 
 def load_data(cfg: Config):
     """(clean training subset, clean test set) as ImageDatasets, per ``cfg.data``."""
-    from clpoison.data import balanced_subset, load_dataset
-
     d = cfg.data
     train = load_dataset(d.dataset, "train", root=d.root, cache_dir=d.cache_dir, download=d.download)
     test = load_dataset(d.dataset, "test", root=d.root, cache_dir=d.cache_dir, download=d.download)
@@ -115,9 +110,6 @@ def load_data(cfg: Config):
 
 def build_method(cfg: Config):
     """Encoder + contrastive method from the config, with per-algorithm defaults."""
-    from clpoison.models import build_encoder
-    from clpoison.ssl import build_method as _build
-
     s = cfg.ssl
     encoder = build_encoder(cfg.model.arch, cfg.model.width, cfg.model.stem)
     kwargs: dict[str, Any] = {}
@@ -136,11 +128,9 @@ def build_method(cfg: Config):
 
 
 def build_augment(cfg: Config, mean, std):
-    from clpoison.augment import AugmentConfig, ContrastiveAugment
-
-    # The config section mirrors AugmentConfig field for field (mutable, lists for YAML);
-    # AugmentConfig validates and turns the lists into tuples.
-    return ContrastiveAugment(AugmentConfig(**dataclasses.asdict(cfg.augment)), mean=mean, std=std)
+    """The contrastive augmentation of ``cfg.augment`` (an ``AugmentConfig``), normalising with
+    ``mean`` and ``std``."""
+    return ContrastiveAugment(cfg.augment, mean=mean, std=std)
 
 
 def build_optimizer(params, cfg: Config) -> torch.optim.SGD:
@@ -271,16 +261,18 @@ def check_signature(found: dict, cfg: Config, path: Path) -> None:
 
 
 def contrastive_loss(method, augment, x: torch.Tensor, generator: torch.Generator,
-                     memory_format=torch.channels_last, amp=None) -> torch.Tensor:
+                     memory_format=torch.channels_last, amp=None,
+                     target_grad: bool = False) -> torch.Tensor:
     """The one forward path of every step: two augmented views of ``x`` (floats in [0,1]) -> loss.
 
     Victim steps, generator model steps and poison steps all call this, so the poison is
-    optimised through exactly the pipeline a victim trains with.
+    optimised through exactly the pipeline a victim trains with. ``target_grad``: the input
+    gradient also flows through a momentum/target branch (dual-branch poisoning).
     """
     view1 = augment(x, generator=generator).contiguous(memory_format=memory_format)
     view2 = augment(x, generator=generator).contiguous(memory_format=memory_format)
     with (amp if amp is not None else contextlib.nullcontext()):
-        return method(view1, view2)
+        return method(view1, view2, target_grad=target_grad)
 
 
 def refuse_existing_run(out_dir: Path, resume: bool, files: tuple[str, ...], what: str = "run") -> None:
@@ -338,9 +330,6 @@ def victim_inputs(cfg: Config, train_set=None, probe_set=None, test_set=None, ne
     """What every victim loop starts from: the datasets (defaults filled), the training set with
     its offline defenses applied, normalisation statistics and the adversarial-training settings
     (None when off). Returns (train, probe, test, mean, std, adversarial)."""
-    from clpoison.data import normalization_stats
-    from clpoison.defenses import adversarial_settings, defend_dataset
-
     train_set, probe_set, test_set = default_data(cfg, train_set, probe_set, test_set, need_probe)
     mean, std = normalization_stats(cfg.data.dataset)
     train_set = defend_dataset(cfg.defense, train_set, seed=cfg.train.seed)

@@ -2,18 +2,20 @@
 on clean test data, reusing existing poisons and finished runs, written as Markdown + CSV.
 
 Rows are attacks: ``clean``, ``random``, ``random-c``, ``ue-c``, ``ue-s``, ``ap``, ``cp-c``,
-``cp-s`` (CP made with SimCLR), ``cp-s@byol`` (CP made with another contrastive algorithm, for
-transfer), or ``NAME=PATH`` for a poison file made elsewhere. Columns are victims: ``supervised``,
-``simclr``, ``mocov2``, ``byol``. A cell is the victim's clean-test accuracy (supervised: test
-accuracy; contrastive: linear probe), mean ± std over seeds.
+``cp-s`` (CP made with SimCLR, rows ``cp-c@simclr``, ``cp-s@simclr``), ``cp-s@byol`` (CP made
+with another contrastive algorithm, for transfer), or ``NAME=PATH`` for a poison file made
+elsewhere. Columns are victims: ``supervised``, ``simclr``, ``mocov2``, ``byol``. A cell is the
+victim's clean-test accuracy (supervised: test accuracy; contrastive: linear probe), mean ± std
+over seeds.
 
-Everything lives under one folder: ``poisons/<attack>/`` and ``victims/<attack>/<victim>/seed<k>/``.
+Everything lives under one folder: ``poisons/<row>/`` and ``victims/<row>/<column>/seed<k>/``.
 Rerunning with the same folder skips finished cells, resumes half-finished ones from their
 checkpoints, and refuses to mix in a cell that was trained on a different poison file.
 ``reuse`` names earlier ``story``, ``matrix`` or ``train`` folders: a finished victim there that
 was trained on the same images (by the training set's fingerprint, which hashes the poisoned
 pixels and labels) with the same settings is copied in instead of trained again (its summary
-records where it came from).
+records where it came from). ``clpoison story`` fills its folder with the same machinery
+(``Matrix`` and ``MatrixRun``): one victim column, its rows and its own report.
 
 Example::
 
@@ -30,35 +32,277 @@ import json
 import shutil
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from clpoison.attacks import (ATTACK_NAMES, CONTRASTIVE_ATTACKS, POISON_FILE, attacker_algorithm,
                               cp_config, generate_poison, load_poison)
+from clpoison.attacks.poison import poisoned_dataset
 from clpoison.config import config_from_dict, load_config
-from clpoison.errors import ClpoisonError
-from clpoison.train import train_victim, victim_accuracy
+from clpoison.data import ImageDataset
+from clpoison.defenses import DEFENSES, defend_dataset, settings_used
 from clpoison.engine import load_data, resume_key
+from clpoison.errors import ClpoisonError
+from clpoison.ssl import check_algorithm
+from clpoison.train import train_victim, victim_accuracy
 from clpoison.utils import atomic_path, versions, write_json_atomic
 
 VICTIMS = ("supervised", "simclr", "mocov2", "byol")
 
 
-def parse_attack(spec: str) -> tuple[str, str | None, Path | None]:
-    """``cp-s@byol`` -> (cp-s, byol, None); ``mine=p.safetensors`` -> (mine, None, path)."""
+@dataclass(frozen=True)
+class Row:
+    """The training data of a row: clean (no ``attack``, no ``path``), the poison ``attack``
+    generates in ``poisons/<name>/`` (with the attacker ``algorithm`` for CP), or the poison file
+    ``path`` made elsewhere. ``name`` labels the row and names its folders."""
+
+    name: str
+    attack: str | None = None
+    algorithm: str | None = None
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Column:
+    """A victim, trained with the defenses ``defense`` (names joined by ``+``, or ``none``)."""
+
+    victim: str
+    defense: str = "none"
+
+    @property
+    def name(self) -> str:
+        return self.victim if self.defense == "none" else f"{self.victim}+{self.defense}"
+
+    def overrides(self) -> list[str]:
+        return [] if self.defense == "none" else [f"defense.names={self.defense.replace('+', ',')}"]
+
+
+def parse_row(spec: str) -> Row:
+    """``cp-s@byol`` -> Row(cp-s@byol, cp-s, byol); ``cp-c`` -> Row(cp-c@simclr, cp-c, simclr);
+    ``mine=p.safetensors`` -> Row(mine, path=p.safetensors); ``clean`` -> Row(clean)."""
     if "=" in spec:
         name, path = spec.split("=", 1)
         if not name or not path:
             raise ClpoisonError(f"external poison rows are NAME=PATH, got {spec!r}")
-        return name, None, Path(path)
+        return Row(name, path=Path(path))
     name, _, alg = spec.partition("@")
-    if name != "clean" and name not in ATTACK_NAMES:
+    if name == "clean":
+        return Row("clean")
+    if name not in ATTACK_NAMES:
         raise ClpoisonError(f"unknown attack {name!r} in {spec!r}; choose clean, "
                             f"{', '.join(ATTACK_NAMES)} or NAME=PATH")
     if alg and name not in CONTRASTIVE_ATTACKS:
         raise ClpoisonError(f"{spec!r}: only cp-c/cp-s take @ALGORITHM (the attacker)")
-    if name in CONTRASTIVE_ATTACKS:
-        alg = attacker_algorithm(name, alg or None)
-    return name, alg or None, None
+    if name not in CONTRASTIVE_ATTACKS:
+        return Row(name, name)
+    alg = check_algorithm(attacker_algorithm(name, alg or None))
+    return Row(f"{name}@{alg}", name, alg)
+
+
+def parse_columns(victims, defenses) -> list[Column]:
+    """Victim x defense columns, defense-major (``defenses``: ``none`` or names joined by +)."""
+    for v in victims:
+        if v not in VICTIMS:
+            raise ClpoisonError(f"unknown victim {v!r}; choose from {', '.join(VICTIMS)}")
+    defenses = [d.strip() for d in defenses if d.strip()] or ["none"]
+    for d in defenses:
+        bad = [n for n in d.split("+") if n not in DEFENSES and d != "none"]
+        if bad:
+            raise ClpoisonError(f"unknown defense(s) {bad} in {d!r}; choose none or "
+                                f"{', '.join(DEFENSES)} (joined by + to combine)")
+    return [Column(v, d) for d in defenses for v in victims]
+
+
+def check_record(path: Path, settings: dict, what: str) -> None:
+    """Refuse a folder whose record ``path`` (JSON) was written with other ``settings``: the
+    finished work there is reused, so it must have been made with the same ones. A recorded
+    ``config`` is compared by meaning (read back with ``config_from_dict``)."""
+    if not path.exists():
+        return
+    before = json.loads(path.read_text())
+    now = json.loads(json.dumps(settings, default=str))
+    if "config" in before and isinstance(before["config"], dict):
+        before["config"] = json.loads(json.dumps(config_from_dict(before["config"]).to_dict(),
+                                                 default=str))
+    differ = [k for k in now if before.get(k) != now[k]]
+    if differ:
+        was = ", ".join(k if k == "config" else f"{k} {before.get(k)!r}" for k in differ)
+        raise ClpoisonError(f"{path.parent} holds a {what} made with other settings ({was}); "
+                            f"rerun with the same ones or choose another --out")
+
+
+def write_record(path: Path, settings: dict, **extra) -> None:
+    """Write the folder's record: ``settings`` (checked on a rerun) plus ``extra`` and versions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {**settings, **extra, "versions": versions()})
+
+
+@dataclass
+class Matrix:
+    """The cells of one folder ``out``: every row x column x seed, with the clean data they share.
+
+    Poisons live in ``out/poisons/<row>/``, victims in ``out/victims/<row>/<column>/seed<k>/``.
+    Each victim's config is ``preset`` + ``overrides`` + its column's defenses + its seed, so the
+    rows of one seed are paired (same initialisation, batch order and augmentations)."""
+
+    preset: str
+    out: Path
+    rows: list[Row]
+    columns: list[Column]
+    seeds: list[int]
+    overrides: list[str]
+    clean_train: ImageDataset
+    test: ImageDataset
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ClpoisonError("the matrix needs at least one seed")
+
+    def cells(self):
+        """(row, column, seed) in the order they are filled: row by row."""
+        return [(r, c, s) for r in self.rows for c in self.columns for s in self.seeds]
+
+    def cell_dir(self, row: Row, column: Column, seed: int) -> Path:
+        return self.out / "victims" / row.name / column.name / f"seed{seed}"
+
+    def cell_finished(self, row: Row, column: Column, seed: int) -> bool:
+        return (self.cell_dir(row, column, seed) / "summary.json").exists()
+
+    def victim_config(self, column: Column, seed: int):
+        return load_config(self.preset, column.victim,
+                           self.overrides + column.overrides() + [f"train.seed={seed}"])
+
+    def poison_dir(self, attack: str, algorithm: str | None) -> Path:
+        """Where ``attack`` by ``algorithm`` is generated: its row's folder, or (a CP-C poison that
+        a CP-S row starts from, without a row of its own) ``attack@algorithm``."""
+        name = next((r.name for r in self.rows if (r.attack, r.algorithm) == (attack, algorithm)),
+                    f"{attack}@{algorithm}" if algorithm else attack)
+        return self.out / "poisons" / name
+
+    def poison_file(self, row: Row) -> Path | None:
+        """The poison file of ``row`` (None for clean data); it may not exist yet."""
+        if row.path is not None:
+            return row.path
+        return self.poison_dir(row.attack, row.algorithm) / POISON_FILE if row.attack else None
+
+
+class VictimClock:
+    """Counts the cells of a call and, after each trained victim, says how long the rest takes."""
+
+    def __init__(self, total: int, log):
+        self.total, self.log = total, log
+        self.done, self.seconds = 0, []
+
+    def tick(self, seconds: float | None = None) -> None:
+        if seconds is not None:
+            self.seconds.append(seconds)
+            left = self.total - self.done - 1
+            self.log(f"== victim {self.done + 1}/{self.total} done in {seconds / 60:.1f} min; "
+                     f"about {left * statistics.mean(self.seconds) / 60:.0f} min of victims left")
+        self.done += 1
+
+
+class MatrixRun:
+    """Fill a ``Matrix``: generate its missing poisons, then train (or copy in from ``reuse``)
+    its missing cells. ``table_only``: make nothing, collect what is finished."""
+
+    def __init__(self, m: Matrix, *, reuse=(), table_only: bool = False, progress: bool = True,
+                 log=print):
+        self.m, self.table_only, self.progress, self.log = m, table_only, progress, log
+        self.reusable = _finished_victims(reuse) if reuse else {}
+        self.clock = VictimClock(len(m.cells()), log)
+
+    def fill(self) -> dict[tuple[str, str], list[dict]]:
+        """(row name, column name) -> the finished victims' summaries, in seed order."""
+        made = [r for r in self.m.rows if self.poison(r) is not None or r.attack is None]
+        cells: dict[tuple[str, str], list[dict]] = {}
+        for row in made:
+            data = _LazyData(self.m, row)
+            for column in self.m.columns:
+                for seed in self.m.seeds:
+                    summary = self.cell(row, column, seed, data)
+                    if summary is not None:
+                        cells.setdefault((row.name, column.name), []).append(summary)
+        return cells
+
+    def poison(self, row: Row) -> Path | None:
+        """The poison file of ``row``, generated if missing (None: clean, or not made with
+        ``table_only``)."""
+        if row.attack is None:
+            return row.path
+        return self.generate(row.attack, row.algorithm)
+
+    def generate(self, attack: str, algorithm: str | None) -> Path | None:
+        run_dir = self.m.poison_dir(attack, algorithm)
+        target = run_dir / POISON_FILE
+        if target.exists() or self.table_only:
+            return target if target.exists() else None
+        m = self.m
+        cfg = load_config(m.preset, attacker_algorithm(attack, algorithm), m.overrides)
+        init = init_generator = None
+        if attack == "cp-s" and cp_config(cfg, "cp-s").start_from_cpc:
+            init = self.generate("cp-c", algorithm)          # CP-S starts from CP-C (the paper)
+            if cp_config(cfg, "cp-s").continue_generator:
+                init_generator = init.parent / "generation.pt"
+        self.log(f"== generating {run_dir.name}" + (f" ({algorithm})" if algorithm else "")
+                 + f" in {run_dir}")
+        generate_poison(attack, cfg, run_dir, train_set=m.clean_train, test_set=m.test, init=init,
+                        init_generator=init_generator, resume=run_dir.exists(),
+                        progress=self.progress)
+        return target
+
+    def cell(self, row: Row, column: Column, seed: int, data: "_LazyData") -> dict | None:
+        """One victim's summary: finished (checked), copied in from ``reuse``, or trained now."""
+        run_dir = self.m.cell_dir(row, column, seed)
+        cfg = self.m.victim_config(column, seed)
+        if self.m.cell_finished(row, column, seed):
+            self.clock.tick()
+            return check_cell(run_dir, cfg, data.digest, data.path)
+        if self.table_only:
+            return None
+        extra = {"data": row.name, "poison": str(data.path or ""), "poison_sha256": data.digest}
+        source = None if run_dir.exists() else _reusable(self.reusable.get(_cell_key(cfg)), cfg,
+                                                         data)
+        if source is not None:
+            self.log(f"== victim {column.name} seed {seed} on {row.name}: reusing {source}")
+            self.clock.tick()
+            return _adopt(source, run_dir, extra)
+        self.log(f"== victim {column.name} seed {seed} on {row.name}")
+        t0 = time.time()
+        summary = train_victim(cfg, run_dir, train_set=data(), probe_set=self.m.clean_train,
+                               test_set=self.m.test, resume=run_dir.exists(),
+                               progress=self.progress, extra_summary=extra)
+        self.clock.tick(time.time() - t0)
+        return summary
+
+
+class _LazyData:
+    """A row's training set, made on first use (a finished row never loads its poison)."""
+
+    def __init__(self, m: Matrix, row: Row):
+        self.clean_train = m.clean_train
+        self.path = m.poison_file(row)
+        self.digest = _sha256(self.path) if self.path is not None else None
+        self._data = None
+
+    def __call__(self):
+        if self._data is None:
+            self._data = (self.clean_train if self.path is None
+                          else poisoned_dataset(self.path, self.clean_train))
+        return self._data
+
+
+def check_cell(run_dir: Path, cfg, digest: str | None, path: Path | None) -> dict:
+    """A finished cell's summary, refused when it was trained on another poison file than
+    ``path`` (sha256 ``digest``) or with other settings than ``cfg``."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("poison_sha256") != digest:
+        raise ClpoisonError(f"{run_dir} was trained on another poison file than the current "
+                            f"{path}; delete {run_dir} (or the poison) to recompute the cell")
+    if _cell_key(config_from_dict(summary["config"])) != _cell_key(cfg):
+        raise ClpoisonError(f"{run_dir} was trained with other settings than this call's (a "
+                            f"changed default or preset?); delete it to recompute the cell")
+    return summary
 
 
 def _sha256(path: Path) -> str:
@@ -74,8 +318,6 @@ def _cell_key(cfg) -> str:
     without evaluation, device and paths, the attack section (it does not touch victims) and the
     settings of defenses that are off (a JPEG cell does not depend on the PGD steps of
     adversarial training; a cell without defenses on none of them)."""
-    from clpoison.defenses import settings_used
-
     d = json.loads(resume_key(cfg))
     d.pop("attack", None)
     names = d["defense"]["names"]
@@ -113,8 +355,6 @@ def _reusable(runs: dict[str, Path] | None, cfg, data) -> Path | None:
     """The finished run among ``runs`` (same settings) that trained on this cell's images."""
     if not runs:
         return None
-    from clpoison.defenses import defend_dataset
-
     # victims record the fingerprint after their offline defenses (matrix completion, JPEG...),
     # which are deterministic given the seed, so apply them here to compare like with like
     defended = defend_dataset(cfg.defense, data(), seed=cfg.train.seed)
@@ -134,14 +374,6 @@ def _adopt(source: Path, run_dir: Path, extra: dict) -> dict:
     return summary
 
 
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
 def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=(0,),
                defenses=("none",), overrides=(), reuse=(), table_only: bool = False,
                progress: bool = True, log=print) -> Path:
@@ -155,148 +387,59 @@ def run_matrix(preset: str, out: str | Path, *, attacks, victims=VICTIMS, seeds=
     cells already finished in ``out``, the others shown as —, e.g. to read a matrix that another
     process is still filling."""
     t0 = time.time()
-    out = Path(out)
+    out, overrides = Path(out), list(overrides)
     specs = [s.strip() for s in attacks if s.strip()]
-    parsed = [parse_attack(s) for s in specs]
-    for v in victims:
-        if v not in VICTIMS:
-            raise ClpoisonError(f"unknown victim {v!r}; choose from {', '.join(VICTIMS)}")
-    if not seeds:
-        raise ClpoisonError("the matrix needs at least one seed")
+    rows = [parse_row(s) for s in specs]
+    columns = parse_columns(victims, defenses)
+    _check_call(out, reuse, table_only)
+    clean_train, test = load_data(load_config(preset, "simclr", overrides))
+    m = Matrix(preset, out, rows, columns, list(seeds), overrides, clean_train, test)
+    settings = {"preset": preset, "overrides": overrides}
+    check_record(out / "matrix.json", settings, "matrix")
+    for row in rows:                      # external poisons are checked before any work
+        if row.path is not None:
+            load_poison(row.path, dataset=clean_train)
+    if not table_only:
+        write_record(out / "matrix.json", settings, attacks=specs, victims=list(victims),
+                     defenses=list(dict.fromkeys(c.defense for c in columns)), seeds=list(seeds))
+    cells = MatrixRun(m, reuse=reuse, table_only=table_only, progress=progress, log=log).fill()
+    return write_tables(m, cells, time.time() - t0)
+
+
+def _check_call(out: Path, reuse, table_only: bool) -> None:
+    """The mistakes found before any work, not after hours of poison generation."""
     missing = [str(r) for r in reuse if not Path(r).is_dir()]
-    if missing:       # checked before any work, not after hours of poison generation
+    if missing:
         raise ClpoisonError(f"--reuse {', '.join(missing)}: no such folder")
     if table_only and not (out / "matrix.json").exists():
         raise ClpoisonError(f"{out} holds no matrix yet; run without --table-only to fill it")
-    from clpoison.defenses import DEFENSES
 
-    defenses = [d.strip() for d in defenses if d.strip()] or ["none"]
-    for d in defenses:
-        bad = [n for n in d.split("+") if n not in DEFENSES and d != "none"]
-        if bad:
-            raise ClpoisonError(f"unknown defense(s) {bad} in {d!r}; choose none or "
-                                f"{', '.join(DEFENSES)} (joined by + to combine)")
-    columns = [(v, d) for d in defenses for v in victims]
-    overrides = list(overrides)
-    base = load_config(preset, "simclr", overrides)
-    clean_train, test = load_data(base)
-    record = out / "matrix.json"
-    settings = {"preset": preset, "overrides": overrides}
-    if record.exists():
-        before = json.loads(record.read_text())
-        if {k: before.get(k) for k in settings} != settings:
-            raise ClpoisonError(f"{out} holds a matrix made with other settings ({before.get('preset')}, "
-                                f"{before.get('overrides')}); rerun with those or choose another --out")
-    # validate external poisons before any work
-    for name, _, path in parsed:
-        if path is not None:
-            load_poison(path, dataset=clean_train)
-    if not table_only:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(record, {**settings, "attacks": specs, "victims": list(victims),
-                                   "defenses": defenses,
-                                   "seeds": list(seeds), "versions": versions()})
 
-    # --- poisons ------------------------------------------------------------------------------
-    poisons: dict[str, Path | None] = {}
-
-    def poison_for(name: str, alg: str | None) -> Path | None:
-        key = f"{name}@{alg}" if alg else name
-        if key in poisons:
-            return poisons[key]
-        run_dir = out / "poisons" / key
-        target = run_dir / "poison.safetensors"
-        if not target.exists() and table_only:
-            return None          # not generated yet: the row shows as —
-        if not target.exists():
-            cfg = load_config(preset, attacker_algorithm(name, alg), overrides)
-            init = poison_for("cp-c", alg) if (
-                name == "cp-s" and cp_config(cfg, "cp-s").start_from_cpc) else None
-            init_generator = None
-            if init is not None and cp_config(cfg, "cp-s").continue_generator:
-                init_generator = init.parent / "generation.pt"
-            log(f"== poison {key} in {run_dir}")
-            generate_poison(name, cfg, run_dir, train_set=clean_train, test_set=test, init=init,
-                            init_generator=init_generator, resume=run_dir.exists(),
-                            progress=progress)
-        poisons[key] = target
-        return target
-
-    rows: list[tuple[str, Path | None]] = []      # (row name, poison file; None for clean)
-    not_made: set[str] = set()                     # --table-only rows whose poison is not made yet
-    for spec, (name, alg, path) in zip(specs, parsed):
-        if name == "clean":
-            rows.append(("clean", None))
-        elif path is not None:
-            rows.append((name, path))
-        else:
-            key, target = f"{name}@{alg}" if alg else name, poison_for(name, alg)
-            rows.append((key, target))
-            if target is None:
-                not_made.add(key)
-
-    # --- victims ------------------------------------------------------------------------------
-    reusable = _finished_victims(reuse) if reuse else {}
-    cells: dict[tuple[str, str], list[dict]] = {}
+def write_tables(m: Matrix, cells, seconds: float) -> Path:
+    """``matrix.md`` (the table, the random-init floors, the defense tables) and ``matrix.csv``."""
+    names = [c.name for c in m.columns]
     floors: dict[str, list[float]] = {}
-    for row, path in rows:
-        if row in not_made:
-            continue
-        digest = _sha256(path) if path is not None else None
-        train_set = None
-
-        def data():
-            nonlocal train_set
-            if train_set is None:
-                train_set = clean_train if path is None else load_poison(
-                    path, dataset=clean_train).poison_dataset(clean_train)
-            return train_set
-        for victim, defense in columns:
-            column = victim if defense == "none" else f"{victim}+{defense}"
-            extra = [] if defense == "none" else [f"defense.names={','.join(defense.split('+'))}"]
-            for seed in seeds:
-                run_dir = out / "victims" / row / column / f"seed{seed}"
-                summary_file = run_dir / "summary.json"
-                cfg = load_config(preset, victim, overrides + extra + [f"train.seed={seed}"])
-                if summary_file.exists():
-                    summary = json.loads(summary_file.read_text())
-                    if summary.get("poison_sha256") != digest:
-                        raise ClpoisonError(
-                            f"{run_dir} was trained on another poison file than the current "
-                            f"{path}; delete {run_dir} (or the poison) to recompute the cell")
-                    if _cell_key(config_from_dict(summary["config"])) != _cell_key(cfg):
-                        raise ClpoisonError(
-                            f"{run_dir} was trained with other settings than this call's (a "
-                            f"changed default or preset?); delete it to recompute the cell")
-                elif table_only:
-                    continue
-                elif not run_dir.exists() and (
-                        source := _reusable(reusable.get(_cell_key(cfg)), cfg, data)):
-                    log(f"== victim {column} seed {seed} on {row}: reusing {source}")
-                    summary = _adopt(source, run_dir, {"data": row, "poison": str(path or ""),
-                                                       "poison_sha256": digest})
-                else:
-                    log(f"== victim {column} seed {seed} on {row}")
-                    summary = train_victim(cfg, run_dir, train_set=data(), probe_set=clean_train,
-                                           test_set=test, resume=run_dir.exists(),
-                                           progress=progress,
-                                           extra_summary={"data": row, "poison": str(path or ""),
-                                                          "poison_sha256": digest})
-                cells.setdefault((row, column), []).append(summary)
-                if row == "clean" and summary.get("random_init"):
-                    floors.setdefault(column, []).append(victim_accuracy(
-                        {"final": summary["random_init"]}))
-
-    # --- tables -------------------------------------------------------------------------------
-    names = [v if d == "none" else f"{v}+{d}" for v, d in columns]
-    table = _markdown(preset, [r for r, _ in rows], names, list(seeds), cells, floors,
-                      len(clean_train), len(test), time.time() - t0)
-    md = out / "matrix.md"
+    for column in names:
+        for summary in cells.get(("clean", column), []):
+            if summary.get("random_init"):
+                floors.setdefault(column, []).append(
+                    victim_accuracy({"final": summary["random_init"]}))
+    table = _markdown(m.preset, [r.name for r in m.rows], names, m.seeds, cells, floors,
+                      len(m.clean_train), len(m.test), seconds)
+    md = m.out / "matrix.md"
     with atomic_path(md) as tmp:
         tmp.write_text(table)
-    with atomic_path(out / "matrix.csv") as tmp:
+    with atomic_path(m.out / "matrix.csv") as tmp:
         tmp.write_text(_csv(cells))
     return md
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def _markdown(preset, rows, victims, seeds, cells, floors, n_train, n_test, seconds) -> str:

@@ -1,8 +1,16 @@
 """The whole story in one call: clean victim, CP generation, victims on the poisoned data,
 evaluation on clean test data, and a Markdown report with the random-init floor and a picture.
 
-Every stage writes into its own folder and is skipped when already finished, so a killed run
-continues where it stopped (``clpoison story`` again with the same ``--out``).
+A story is a matrix (``clpoison.matrix``) with one victim column, the story's algorithm, and the
+rows ``clean``, its CP attacks (made with the same algorithm) and the random-noise control, plus
+its own report. Its folder::
+
+    report.md, results.json, story.json, cp-c.png, cp-s.png
+    poisons/<row>/poison.safetensors          (cp-c, cp-s, random)
+    victims/<row>/<algorithm>/seed<k>/        (row: clean, cp-c, cp-s, random)
+
+Every stage is skipped when already finished, so a killed run continues where it stopped
+(``clpoison story`` again with the same ``--out``).
 
 Example::
 
@@ -18,26 +26,18 @@ from pathlib import Path
 
 import torch
 
-from clpoison.attacks import Poison, cp_config, generate_cp, load_poison, random_noise
-from clpoison.attacks.cp import POISON_FILE
+from clpoison.attacks import CONTRASTIVE_ATTACKS, check_attack, cp_config, load_poison
+from clpoison.attacks.cp import frozen_generator, poison_step
 from clpoison.config import load_config
-from clpoison.errors import ClpoisonError
-from clpoison.train import pretrain
-from clpoison.engine import load_data
-from clpoison.utils import atomic_path, versions, write_json_atomic
+from clpoison.data import normalization_stats
+from clpoison.engine import (autocast, build_augment, build_method, build_optimizer,
+                             contrastive_loss, load_data, memory_format, setup_runtime)
+from clpoison.matrix import Column, Matrix, MatrixRun, Row, check_record, write_record
+from clpoison.ssl import check_algorithm
+from clpoison.utils import atomic_path, write_json_atomic
+from clpoison.visualize import render_poison
 
 CONTROLS = ("random",)
-
-
-def _done(folder: Path) -> dict | None:
-    f = folder / "summary.json"
-    return json.loads(f.read_text()) if f.exists() else None
-
-
-def random_noise_poison(train_set, epsilon: float, seed: int) -> Poison:
-    """The control every table needs: uniform noise in [-eps, eps], one pattern per image."""
-    return random_noise(train_set, epsilon, "sample", seed=seed)
-
 
 # Costs in units of one training step (two views of a batch, forward + backward + SGD):
 NOISE_STEP_COST = 0.6    # a poison step, unless timed: backward to the pixels only (bench_cp: 0.5-0.7x)
@@ -49,11 +49,6 @@ def time_steps(cfg, images, repeats: int = 3, poison: bool = True) -> tuple[floa
     algorithm on this machine: one warm-up step, then the mean of ``repeats`` steps on the first
     ``train.batch_size`` of ``images`` (uint8). The poison step runs on a frozen, BN-folded copy
     with the preset's dual-branch setting, as generation does."""
-    from clpoison.attacks.cp import frozen_generator, poison_step
-    from clpoison.data import normalization_stats
-    from clpoison.engine import (autocast, build_augment, build_method, build_optimizer,
-                                       contrastive_loss, memory_format, setup_runtime)
-
     device = setup_runtime(cfg)
     fmt = memory_format(cfg, device)
     method = build_method(cfg).to(device).to(memory_format=fmt)
@@ -84,13 +79,12 @@ def time_steps(cfg, images, repeats: int = 3, poison: bool = True) -> tuple[floa
     if not poison:
         return train_seconds, None
     a = cp_config(cfg, "cp-s").resolved()
-    frozen = frozen_generator(method, a.bn_mode, a.dual_branch, fmt,
-                              fold=not a.noise_updates_momentum)
+    frozen = frozen_generator(method, a.bn_mode, fmt, fold=not a.noise_updates_momentum)
     delta = torch.zeros_like(x)
     rows = torch.arange(len(x), device=device)
     return train_seconds, timed(lambda: poison_step(
         frozen, augment, delta, x, rows, a.step_size * a.epsilon, a.epsilon, gen, fmt,
-        autocast(cfg, device)))
+        autocast(cfg, device), target_grad=a.dual_branch))
 
 
 def stage_steps(cfg, n_train: int, n_test: int, *, attack: str | None = None,
@@ -108,135 +102,99 @@ def stage_steps(cfg, n_train: int, n_test: int, *, attack: str | None = None,
     c = cp_config(cfg, attack).resolved()
     model_steps = c.model_steps if c.model_steps is not None else per_epoch
     noise_steps = c.noise_steps if c.noise_steps is not None else per_epoch
-    young = 1 + c.young_generators
     return (c.warm_start_epochs * per_epoch
-            + c.rounds * young * (model_steps + noise_steps * c.pgd_steps * noise_cost))
+            + c.rounds * (model_steps + noise_steps * c.pgd_steps * noise_cost))
+
+
+def story_attacks(cfg, attacks) -> list[str]:
+    """The CP attacks in generation order; CP-S brings CP-C when it starts from it (the paper)."""
+    attacks = [check_attack(a, CONTRASTIVE_ATTACKS) for a in dict.fromkeys(attacks)]
+    if "cp-s" in attacks and "cp-c" not in attacks and cp_config(cfg, "cp-s").start_from_cpc:
+        attacks.insert(0, "cp-c")
+    return sorted(attacks, key=CONTRASTIVE_ATTACKS.index)
 
 
 def run_story(preset: str, out: str | Path, *, algorithm: str = "simclr", seeds=(0,),
               attacks=("cp-c",), controls=CONTROLS, overrides=(), progress: bool = True,
               log=print) -> Path:
+    """Generate the poisons, train and evaluate the paired victims (same seed, initialisation,
+    batch order and augmentations across rows), write ``report.md``; returns its path."""
     t0 = time.time()
-    out = Path(out)
-    attacks = list(attacks)
-    cfg = load_config(preset, algorithm, list(overrides))
-    cps = cp_config(cfg, "cp-s")
-    if "cp-s" in attacks and "cp-c" not in attacks and cps.start_from_cpc:
-        attacks.insert(0, "cp-c")   # CP-S starts from CP-C, as in the paper
-    attacks.sort(key=["cp-c", "cp-s"].index)
+    out, overrides = Path(out), list(overrides)
+    cfg = load_config(preset, check_algorithm(algorithm), overrides)
+    attacks = story_attacks(cfg, attacks)
     clean_train, test = load_data(cfg)
-    # Finished stages are reused on a rerun, so the settings must be the ones they were made with.
-    record = out / "story.json"
-    settings = {"preset": preset, "algorithm": algorithm, "overrides": list(overrides),
+    rows = ([Row("clean")] + [Row(a, a, algorithm) for a in attacks]
+            + [Row(c, check_attack(c, ("random", "random-c"))) for c in controls])
+    m = Matrix(preset, out, rows, [Column(algorithm)], list(seeds), overrides, clean_train, test)
+    # finished stages are reused on a rerun, so the settings must be the ones they were made with
+    settings = {"preset": preset, "algorithm": algorithm, "overrides": overrides,
                 "config": cfg.to_dict()}
-    if record.exists():
-        before = json.loads(record.read_text())
-        if {k: before.get(k) for k in settings} != json.loads(json.dumps(settings, default=str)):
-            raise ClpoisonError(f"{out} holds a story run with other settings (preset, algorithm or "
-                                f"overrides); rerun with the same ones or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(record, {**settings, "seeds": list(seeds), "attacks": attacks,
-                               "controls": list(controls), "versions": versions()})
+    check_record(out / "story.json", settings, "story run")
+    write_record(out / "story.json", settings, seeds=list(seeds), attacks=attacks,
+                 controls=list(controls))
+    log(plan_message(m, cfg, attacks))
+    cells = MatrixRun(m, progress=progress, log=log).fill()
+    return write_report(m, cfg, attacks, cells, t0)
 
-    # --- the plan and how long it will take on this machine (finished stages are skipped) -----
-    n_victims = len(seeds) * (1 + len(attacks) + len(controls))
-    gens = [a for a in attacks if not (out / "poisons" / a / POISON_FILE).exists()]
-    victims_left = [name for seed in seeds for name in ["clean"] + attacks + list(controls)
-                    if _done(out / "victims" / f"{name}-seed{seed}") is None]
+
+def plan_message(m: Matrix, cfg, attacks: list[str]) -> str:
+    """The plan and how long it will take on this machine (finished stages are skipped)."""
+    gens = [r.attack for r in m.rows if r.attack in attacks and not m.poison_file(r).exists()]
+    victims_left = [c for c in m.cells() if not m.cell_finished(*c)]
     step_seconds, noise_seconds = 0.0, None
     if gens or victims_left:
         with torch.random.fork_rng(devices=[]):   # timing must not move the seeded runs' RNG
-            step_seconds, noise_seconds = time_steps(cfg, clean_train.images, poison=bool(gens))
+            step_seconds, noise_seconds = time_steps(cfg, m.clean_train.images, poison=bool(gens))
     noise_cost = noise_seconds / step_seconds if noise_seconds else NOISE_STEP_COST
-    todo = sum(stage_steps(cfg, len(clean_train), len(test), attack=a, noise_cost=noise_cost)
-               for a in gens)
-    todo += len(victims_left) * stage_steps(cfg, len(clean_train), len(test),
+    n_train, n_test = len(m.clean_train), len(m.test)
+    todo = sum(stage_steps(cfg, n_train, n_test, attack=a, noise_cost=noise_cost) for a in gens)
+    todo += len(victims_left) * stage_steps(cfg, n_train, n_test,
                                             floor=cfg.eval.random_init_floor)
-    log(f"story: {len(attacks)} poison generation(s), then {n_victims} victims "
-        f"(clean, {', '.join(attacks + list(controls))} x seeds {list(seeds)}); about "
-        f"{todo * step_seconds / 60:.0f} min left on this machine ({todo:.0f} training steps of "
-        f"{step_seconds:.2f} s, timed just now"
-        + (f"; a poison step costs {noise_cost:.2f} of one" if noise_seconds else "")
-        + "); each stage shows its own progress bar and time left, and a rerun continues where "
-        "this one stops")
+    names = [r.name for r in m.rows[1:]]
+    return (f"story: {len(attacks)} poison generation(s), then {len(m.cells())} victims "
+            f"(clean, {', '.join(names)} x seeds {m.seeds}); about "
+            f"{todo * step_seconds / 60:.0f} min left on this machine ({todo:.0f} training steps "
+            f"of {step_seconds:.2f} s, timed just now"
+            + (f"; a poison step costs {noise_cost:.2f} of one" if noise_seconds else "")
+            + "); each stage shows its own progress bar and time left, and a rerun continues "
+            "where this one stops")
 
-    # --- poisons -------------------------------------------------------------------------------
-    poisons: dict[str, Path] = {}
-    for attack in attacks:
-        run_dir = out / "poisons" / attack
-        target = run_dir / POISON_FILE
-        if not target.exists():
-            init = poisons.get("cp-c") if attack == "cp-s" else None
-            if init is not None and not cps.start_from_cpc:
-                init = None
-            init_generator = None
-            if init is not None and cps.continue_generator:
-                init_generator = init.parent / "generation.pt"
-            log(f"== generating {attack} ({algorithm}) in {run_dir}")
-            generate_cp(cfg, run_dir, attack=attack, train_set=clean_train, init=init,
-                        init_generator=init_generator, resume=run_dir.exists(), progress=progress)
-        poisons[attack] = target
-    eps = float(cfg.attack.get("epsilon", 8 / 255))
-    for control in controls:
-        target = out / "poisons" / control / POISON_FILE
-        if not target.exists():
-            random_noise_poison(clean_train, eps, seed=12345).save(target)
-        poisons[control] = target
 
-    # --- victims (paired: same seed, init, batch order and augmentations across rows) -----------
-    results: dict[str, list[dict]] = {"clean": []}
-    floors = []
-    done_victims, victim_seconds = 0, []
-    for seed in seeds:
-        vcfg = load_config(preset, algorithm, list(overrides) + [f"train.seed={seed}"])
-        rows = [("clean", None)] + [(name, p) for name, p in poisons.items()]
-        for name, path in rows:
-            run_dir = out / "victims" / f"{name}-seed{seed}"
-            summary = _done(run_dir)
-            if summary is None:
-                log(f"== victim {algorithm} seed {seed} on {name} data")
-                train_set = clean_train
-                if path is not None:
-                    train_set = load_poison(path, dataset=clean_train).poison_dataset(clean_train)
-                t_victim = time.time()
-                summary = pretrain(vcfg, run_dir, train_set=train_set, probe_set=clean_train,
-                                   test_set=test, resume=run_dir.exists(), progress=progress,
-                                   extra_summary={"data": name})
-                victim_seconds.append(time.time() - t_victim)
-                left = n_victims - done_victims - 1
-                log(f"== victim {done_victims + 1}/{n_victims} done in {victim_seconds[-1] / 60:.1f} "
-                    f"min; about {left * statistics.mean(victim_seconds) / 60:.0f} min of victims left")
-            done_victims += 1
-            # the victim's last training loss: a poison the victim exploits lowers it (an early
-            # indicator from the feasibility study; it says nothing about clean accuracy alone)
-            results.setdefault(name, []).append({**summary["final"],
-                                                 "train_loss": summary.get("final_loss")})
-            if name == "clean" and summary.get("random_init"):
-                floors.append(summary["random_init"])
-
-    # --- report --------------------------------------------------------------------------------
+def write_report(m: Matrix, cfg, attacks: list[str], cells, t0: float) -> Path:
+    """``report.md`` (with one picture per generated poison) and ``results.json``."""
+    column = m.columns[0].name
+    # with the victim's last training loss: a poison the victim exploits lowers it (an early
+    # indicator; it says nothing about clean accuracy alone)
+    results = {r.name: [{**s["final"], "train_loss": s.get("final_loss")}
+                        for s in cells.get((r.name, column), [])] for r in m.rows}
+    floors = [s["random_init"] for s in cells.get(("clean", column), []) if s.get("random_init")]
     # one picture per generated poison: the first attack is not always the one that works
     # (on the cpu preset CP-C has no effect and CP-S does)
-    pictures = []
-    if attacks:
-        from clpoison.visualize import render_poison
-
-        for name in attacks:
-            pictures.append(out / f"{name}.png")
-            render_poison(load_poison(poisons[name], dataset=clean_train), clean_train,
-                          pictures[-1])
-    report = out / "report.md"
+    pictures = [_picture(m, row) for row in m.rows if row.attack in attacks]
     generation = {}
-    for name in attacks:
-        g = _done(out / "poisons" / name)
+    for row in m.rows:
+        g = _done(m.poison_file(row).parent) if row.attack in attacks else None
         if g:
-            generation[name] = {"gap": g["final_gap"]["gap"], "minutes": g["wall_seconds"] / 60}
-    text = _report(preset, algorithm, seeds, results, floors, len(clean_train), len(test),
-                   time.time() - t0, pictures, cfg.eval.probe, generation)
+            generation[row.name] = {"gap": g["final_gap"]["gap"],
+                                    "minutes": g["wall_seconds"] / 60}
+    text = _report(m.preset, m.columns[0].victim, m.seeds, results, floors, len(m.clean_train),
+                   len(m.test), time.time() - t0, pictures, cfg.eval.probe, generation)
+    report = m.out / "report.md"
     with atomic_path(report) as tmp:
         tmp.write_text(text)
-    write_json_atomic(out / "results.json", {"results": results, "random_init": floors})
+    write_json_atomic(m.out / "results.json", {"results": results, "random_init": floors})
     return report
+
+
+def _picture(m: Matrix, row: Row) -> Path:
+    poison = load_poison(m.poison_file(row), dataset=m.clean_train)
+    return render_poison(poison, m.clean_train, m.out / f"{row.name}.png")
+
+
+def _done(folder: Path) -> dict | None:
+    f = folder / "summary.json"
+    return json.loads(f.read_text()) if f.exists() else None
 
 
 def _fmt(values: list[float]) -> str:

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic file writes, environment/version records, seeding."""
+"""Small shared helpers: atomic file writes, safe path names, environment/version records,
+seeding."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import filelock
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import clpoison
+from clpoison.errors import ClpoisonError
 
 
 @contextlib.contextmanager
@@ -42,19 +47,85 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+LOCK_NAME = ".clpoison.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[None]:
+    """One writer per output: an exclusive lock (``filelock``) held while the block runs, on
+    ``out/.clpoison.lock`` for a folder (created when missing) or ``.NAME.lock`` beside a file.
+    The lock file holds the writer's pid and is removed on exit; a second writer gets a
+    one-line error at once instead of interleaving with the first."""
+    out = Path(out)
+    is_dir = out.is_dir() or not out.suffix
+    lock_path = out / LOCK_NAME if is_dir else out.parent / f".{out.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        try:
+            pid = lock_path.read_text().strip() or "?"
+        except OSError:
+            pid = "?"
+        raise ClpoisonError(f"{out} is being written by another clpoison process (pid {pid}); "
+                            f"wait for it to finish or choose another --out") from None
+    try:
+        lock_path.write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        lock.release()
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+def safe_name(name: str, what: str) -> str:
+    """``name`` if it can be one folder or file name inside an output folder: not empty, not
+    ``.`` or ``..``, no path separator and no control character; else a one-line error naming
+    ``what`` it is (e.g. "class name of cifar10"). Used for every name that comes from data or
+    a command line and becomes a path."""
+    if not isinstance(name, str) or name in ("", ".", "..") or _UNSAFE.search(name):
+        raise ClpoisonError(f"{what} {name!r} cannot be a folder name (empty, '.', '..', a path "
+                            f"separator or a control character); rename it")
+    return name
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def cpu_model() -> str:
+    """The CPU's model name (other CPUs run other bf16 kernels: results differ as by a seed)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions() -> dict[str, str]:
-    """Versions of everything that can change a result, recorded in every run."""
+    """Versions of everything that can change a result, the machine's CPU (and GPU) model and
+    the number of processes, recorded in every run."""
     out = {
         "clpoison": clpoison.__version__,
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "world_size": str(rank_and_world()[1]),
     }
     try:
         root = Path(__file__).resolve().parents[2]

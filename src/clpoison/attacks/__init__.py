@@ -15,7 +15,8 @@ from pathlib import Path
 from clpoison.attacks.ap import generate_ap
 from clpoison.attacks.cp import cp_config, generate_cp
 from clpoison.attacks.poison import (POISON_FILE, Poison, check_dataset, load_poison,
-                                     max_uint8_step)
+                                     max_uint8_step, poison_meta, poisoned_dataset,
+                                     recorded_config)
 from clpoison.attacks.random_noise import generate_random, random_noise
 from clpoison.attacks.settings import (ATTACK_NAMES, CONTRASTIVE_ATTACKS, SUPERVISED_ATTACKS,
                                        APConfig, CPConfig, UEConfig, attack_settings, check_attack)
@@ -61,4 +62,4 @@ __all__ = ["APConfig", "ATTACK_NAMES", "CONTRASTIVE_ATTACKS", "CPConfig", "GENER
            "SUPERVISED_ATTACKS", "UEConfig", "attack_settings", "attacker_algorithm",
            "check_attack", "check_dataset", "cp_config", "generate_ap", "generate_cp",
            "generate_poison", "generate_random", "generate_ue", "load_poison", "max_uint8_step",
-           "random_noise"]
+           "poison_meta", "poisoned_dataset", "random_noise", "recorded_config"]

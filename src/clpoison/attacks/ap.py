@@ -27,20 +27,16 @@ from tqdm import tqdm
 from clpoison.attacks.pgd import signed_step
 from clpoison.attacks.poison import POISON_FILE, Poison
 from clpoison.attacks.settings import APConfig, attack_settings
-from clpoison.attacks.ue import frozen_copy
-from clpoison.config import Config
-from clpoison.errors import ClpoisonError
+from clpoison.attacks.ue import CHECKPOINT, GENERATION_FILES, frozen_copy
+from clpoison.augment import Normalize
+from clpoison.config import Config, config_from_dict
+from clpoison.data import normalization_stats
+from clpoison.engine import (EpochSampler, RunLogger, default_data, epoch_generator,
+                             load_resume_state, refuse_existing_run, resume_key, save_checkpoint,
+                             setup_runtime, truncate_metrics)
 from clpoison.engine import memory_format as channels_format
-from clpoison.engine import (default_data, load_resume_state, refuse_existing_run,
-                                   EpochSampler, RunLogger, epoch_generator,
-                                   resume_key, save_checkpoint, setup_runtime,
-                                   truncate_metrics)
 from clpoison.train.supervised import build_crop_flip, load_classifier, train_supervised
 from clpoison.utils import versions, write_json_atomic
-
-CHECKPOINT = "generation.pt"
-
-
 
 
 def ap_config(cfg: Config) -> APConfig:
@@ -77,81 +73,111 @@ def generate_ap(cfg: Config, out_dir: str | Path, *, attack: str = "ap", train_s
                 test_set=None, resume: bool = False, progress: bool = True, **_ignored) -> Poison:
     """Adversarial poison in ``out_dir``: the crafting model's run in ``out_dir/crafting``, then
     ``poison.safetensors``, ``metrics.jsonl``, ``summary.json`` (resumable by batch)."""
-    from clpoison.augment import Normalize
-    from clpoison.data import normalization_stats
-
     t_start = time.time()
     a = ap_config(cfg)
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    refuse_existing_run(out_dir, resume, (CHECKPOINT, POISON_FILE, "metrics.jsonl"),
-                        "generation run")
+    refuse_existing_run(out_dir, resume, GENERATION_FILES, "generation run")
     device = setup_runtime(cfg)
     train_set, _, test_set = default_data(cfg, train_set, None, test_set, need_probe=False)
-    mean, std = normalization_stats(cfg.data.dataset)
     seed = a.seed if a.seed is not None else cfg.train.seed + 3000
+    model, crafting = crafting_model(cfg, a, out_dir / "crafting", train_set, test_set, device,
+                                     progress)
+    craft_accuracy = crafting["final"]["test_accuracy"]
+    ap = APGenerator(cfg, a, attack, model, train_set, device, seed)
+    log = RunLogger(out_dir, quiet=not progress)
+    if resume and ckpt_path.exists():
+        ap.load(load_resume_state(ckpt_path, cfg, attack=asdict(a)))
+        truncate_metrics(out_dir, "batch", ap.batch)
+        log.info(f"resumed adversarial poisoning at batch {ap.batch}/{len(ap.batches)}")
+    log.info(f"ap ({'targeted' if a.targeted else 'untargeted'}): {a.pgd_steps} PGD steps on each "
+             f"of {len(train_set)} images against a crafting model with clean test accuracy "
+             f"{craft_accuracy:.1f}%")
+    ap.run(out_dir, progress, ckpt_path)
 
-    # --- the crafting model: an ordinary supervised run on clean data ---------------------------
+    poison = ap.poison
+    poison.perturbation = ap.delta.cpu()
+    poison.meta.update(crafting_test_accuracy=craft_accuracy)
+    poison.save(out_dir / POISON_FILE)
+    write_json_atomic(out_dir / "summary.json", {
+        "attack": attack, "algorithm": "supervised", "train_size": len(train_set),
+        "train_fingerprint": train_set.fingerprint(), "ap": asdict(a),
+        "crafting_test_accuracy": craft_accuracy,
+        "wall_seconds": round(time.time() - t_start, 1), "config": cfg.to_dict(),
+        "versions": versions()})
+    return poison
+
+
+def crafting_model(cfg: Config, a: APConfig, craft_dir: Path, train_set, test_set, device,
+                   progress: bool = True):
+    """The crafting model: an ordinary supervised run on clean data in ``craft_dir`` (reused when
+    finished, resumed when begun), for ``a.craft_epochs`` epochs when set. Returns (the model
+    frozen with BN folded, its run summary)."""
     craft_cfg = cfg
     if a.craft_epochs is not None:
-        from clpoison.config import config_from_dict
-
         craft_cfg = config_from_dict(cfg.to_dict())
         craft_cfg.train.epochs = a.craft_epochs
-    craft_dir = out_dir / "crafting"
     if not (craft_dir / "summary.json").exists():
         train_supervised(craft_cfg, craft_dir, train_set=train_set, test_set=test_set,
                          resume=craft_dir.exists(), progress=progress)
     crafting = json.loads((craft_dir / "summary.json").read_text())
     model = load_classifier(craft_cfg, craft_dir, train_set.num_classes, device)
     memory_format = channels_format(cfg, device)
-    model = frozen_copy(model.to(memory_format=memory_format), memory_format)
+    return frozen_copy(model.to(memory_format=memory_format), memory_format), crafting
 
-    poison = Poison.for_dataset("sample", a.epsilon, train_set, init=a.init,
-                                generator=torch.Generator().manual_seed(seed), attack=attack,
-                                algorithm="supervised", targeted=a.targeted,
-                                config=json.dumps(cfg.to_dict(), default=str))
-    delta = poison.perturbation.to(device)
-    row_of = poison.rows(train_set.labels, train_set.indices).to(device)
-    images, labels = train_set.images.to(device), train_set.labels.to(device)
-    augment = build_crop_flip(cfg, mean, std).to(device)
-    normalize = Normalize(mean, std).to(device)
-    view = (lambda xp, g: augment(xp, generator=g)) if a.augment else (lambda xp, g: normalize(xp))
-    batches = EpochSampler(len(train_set), cfg.train.batch_size, seed, drop_last=False).batches(0)
 
-    log = RunLogger(out_dir, quiet=not progress)
-    start = 0
-    if resume and ckpt_path.exists():
-        state = load_resume_state(ckpt_path, cfg, attack=asdict(a))
-        delta.copy_(state["delta"].to(device))
-        start = int(state["batch"])
-        truncate_metrics(out_dir, "batch", start)
-        log.info(f"resumed adversarial poisoning at batch {start}/{len(batches)}")
-    log.info(f"ap ({'targeted' if a.targeted else 'untargeted'}): {a.pgd_steps} PGD steps on each of "
-             f"{len(train_set)} images against a crafting model with clean test accuracy "
-             f"{crafting['final']['test_accuracy']:.1f}%")
+class APGenerator:
+    """PGD against the frozen crafting ``model``, one pass over the training set in seeded
+    batches; ``delta`` (N, 3, H, W on the device) is the sample-wise poison and ``batch`` the
+    number of finished batches (what a checkpoint resumes from)."""
 
-    t_loop = time.time()
-    for b in tqdm(range(start, len(batches)), desc=attack, disable=not progress, dynamic_ncols=True):
-        rows = batches[b].to(device)
-        gen = epoch_generator(device, seed, b, stream=4)
-        before, after = ap_batch(model, delta, images[rows].float().div_(255), labels[rows],
-                                 row_of[rows], a, train_set.num_classes, view, gen, memory_format)
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"batch": b + 1, "true_label_ce_before": round(before, 5),
-                                "true_label_ce_after": round(after, 5),
-                                "seconds": round(time.time() - t_loop, 1)}) + "\n")
-        if a.checkpoint_every and (b + 1) % a.checkpoint_every == 0:
-            save_checkpoint(ckpt_path, {"delta": delta.cpu(), "batch": b + 1,
-                                        "resume_key": resume_key(cfg), "attack": asdict(a)})
+    def __init__(self, cfg: Config, a: APConfig, attack: str, model, train_set, device, seed: int):
+        self.cfg, self.a, self.attack, self.model, self.device = cfg, a, attack, model, device
+        self.seed, self.num_classes = seed, train_set.num_classes
+        self.memory_format = channels_format(cfg, device)
+        self.poison = Poison.for_dataset("sample", a.epsilon, train_set, init=a.init,
+                                         generator=torch.Generator().manual_seed(seed),
+                                         attack=attack, algorithm="supervised",
+                                         targeted=a.targeted,
+                                         config=json.dumps(cfg.to_dict(), default=str))
+        self.delta = self.poison.perturbation.to(device)
+        self.row_of = self.poison.rows(train_set.labels, train_set.indices).to(device)
+        self.images, self.labels = train_set.images.to(device), train_set.labels.to(device)
+        mean, std = normalization_stats(cfg.data.dataset)
+        self.augment = build_crop_flip(cfg, mean, std).to(device)
+        self.normalize = Normalize(mean, std).to(device)
+        self.batches = EpochSampler(len(train_set), cfg.train.batch_size, seed,
+                                    drop_last=False).batches(0)
+        self.batch = 0
 
-    poison.perturbation = delta.cpu()
-    poison.meta.update(crafting_test_accuracy=crafting["final"]["test_accuracy"])
-    poison.save(out_dir / POISON_FILE)
-    write_json_atomic(out_dir / "summary.json", {
-        "attack": attack, "algorithm": "supervised", "train_size": len(train_set),
-        "train_fingerprint": train_set.fingerprint(), "ap": asdict(a),
-        "crafting_test_accuracy": crafting["final"]["test_accuracy"],
-        "wall_seconds": round(time.time() - t_start, 1), "config": cfg.to_dict(),
-        "versions": versions()})
-    return poison
+    def view(self, xp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """What the crafting model sees: a fresh crop + flip per PGD step (``augment``), else
+        the normalised image."""
+        if self.a.augment:
+            return self.augment(xp, generator=generator)
+        return self.normalize(xp)
+
+    def load(self, state: dict) -> None:
+        self.delta.copy_(state["delta"].to(self.device))
+        self.batch = int(state["batch"])
+
+    def run(self, out_dir: Path, progress: bool, ckpt_path: Path) -> None:
+        """PGD on the remaining batches, a metrics line each, a checkpoint every few."""
+        a = self.a
+        t_loop = time.time()
+        for b in tqdm(range(self.batch, len(self.batches)), desc=self.attack,
+                      disable=not progress, dynamic_ncols=True):
+            rows = self.batches[b].to(self.device)
+            gen = epoch_generator(self.device, self.seed, b, stream=4)
+            before, after = ap_batch(self.model, self.delta, self.images[rows].float().div_(255),
+                                     self.labels[rows], self.row_of[rows], a, self.num_classes,
+                                     self.view, gen, self.memory_format)
+            self.batch = b + 1
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"batch": b + 1, "true_label_ce_before": round(before, 5),
+                                    "true_label_ce_after": round(after, 5),
+                                    "seconds": round(time.time() - t_loop, 1)}) + "\n")
+            if a.checkpoint_every and (b + 1) % a.checkpoint_every == 0:
+                save_checkpoint(ckpt_path, {"delta": self.delta.cpu(), "batch": b + 1,
+                                            "resume_key": resume_key(self.cfg),
+                                            "attack": asdict(a)})

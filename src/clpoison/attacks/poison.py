@@ -12,7 +12,7 @@ Example::
 
     poison = Poison.zeros("class", epsilon=8/255, shape=(10, 3, 32, 32), dataset=train_set)
     poison.save("cpc.safetensors")
-    victim_data = load_poison("cpc.safetensors", dataset=train_set).poison_dataset(train_set)
+    victim_data = poisoned_dataset("cpc.safetensors", train_set)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from clpoison.config import config_from_dict
 from clpoison.errors import ClpoisonError
 from clpoison.utils import atomic_path, versions
 
@@ -148,32 +149,54 @@ def _meta_value(raw: str):
         return raw
 
 
-def load_poison(path: str | Path, dataset=None) -> Poison:
-    """Read and validate a poison file; with ``dataset``, refuse a poison made for other data.
-
-    Checks: safetensors structure, format tag, shape vs metadata, dtype, finite values, the
-    epsilon bound, and (with ``dataset``) name, split, fingerprint and shape.
-    """
+def _read_file(path: Path, tensors: bool = True) -> tuple[dict, torch.Tensor | None,
+                                                          torch.Tensor | None]:
+    """(header, perturbation, sample indices) of a poison file; the tensors None unless
+    ``tensors``. Checks the safetensors structure and the format tag."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise ClpoisonError(f"poison file {path} does not exist; check the path or generate it "
                             f"with `clpoison attack`")
+    p = idx = None
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
             names = set(f.keys())
             if "perturbation" not in names:
                 raise ClpoisonError(f"{path} has no 'perturbation' tensor; it is not a clpoison poison")
-            p = f.get_tensor("perturbation")
-            idx = f.get_tensor("sample_indices") if "sample_indices" in names else None
+            if tensors:
+                p = f.get_tensor("perturbation")
+                idx = f.get_tensor("sample_indices") if "sample_indices" in names else None
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ClpoisonError(f"poison file {path} is corrupt or truncated ({exc}); regenerate or "
                             f"re-download it") from None
     if header.get("format") != FORMAT:
         raise ClpoisonError(f"{path} is not a clpoison poison file (format {header.get('format')!r}, "
                             f"expected {FORMAT!r})")
+    return header, p, idx
+
+
+def _header_meta(header: dict) -> dict:
+    return {k: _meta_value(v) for k, v in header.items()
+            if k not in ("format", "kind", "epsilon", "shape")}
+
+
+def poison_meta(path: str | Path) -> dict:
+    """What a poison file records (attack, algorithm, config, dataset, ...), read from its header
+    without loading the perturbation."""
+    header, _, _ = _read_file(Path(path), tensors=False)
+    return _header_meta(header)
+
+
+def load_poison(path: str | Path, dataset=None) -> Poison:
+    """Read and validate a poison file; with ``dataset``, refuse a poison made for other data.
+
+    Checks: safetensors structure, format tag, shape vs metadata, dtype, finite values, the
+    epsilon bound, and (with ``dataset``) name, split, fingerprint and shape.
+    """
+    path = Path(path)
+    header, p, idx = _read_file(path)
     if p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ClpoisonError(f"{path}: perturbation has dtype {p.dtype}, expected a float type")
     p = p.float()
@@ -193,12 +216,31 @@ def load_poison(path: str | Path, dataset=None) -> Poison:
     if worst > epsilon * (1 + 1e-5) + 1e-7:
         raise ClpoisonError(f"{path}: perturbation reaches {worst * 255:.3f}/255, beyond its "
                             f"epsilon {epsilon * 255:.3f}/255; the file violates its budget")
-    meta = {k: _meta_value(v) for k, v in header.items()
-            if k not in ("format", "kind", "epsilon", "shape")}
-    poison = Poison(p, kind, epsilon, idx, meta)
+    poison = Poison(p, kind, epsilon, idx, _header_meta(header))
     if dataset is not None:
         check_dataset(poison, dataset, path=path)
     return poison
+
+
+def poisoned_dataset(path: str | Path, clean_train):
+    """What a victim of the poison file ``path`` trains on: ``clean_train`` (an ImageDataset) with
+    the poison added (:meth:`Poison.poison_dataset`), after checking that the file was made for it.
+
+    Example::
+
+        train_victim(cfg, "runs/victim", train_set=poisoned_dataset("cps.safetensors", clean_train))
+    """
+    return load_poison(path, dataset=clean_train).poison_dataset(clean_train)
+
+
+def recorded_config(poison: Poison, path: str | Path):
+    """The config a poison was generated with, from its file's record (e.g. to load the clean
+    data it belongs to)."""
+    recorded = poison.meta.get("config")
+    if not isinstance(recorded, dict):
+        raise ClpoisonError(f"{path} records no generation config; cannot tell which data it "
+                            f"belongs to")
+    return config_from_dict(recorded)
 
 
 def check_dataset(poison: Poison, dataset, path: str | Path | None = None,

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from clpoison.attacks.poison import Poison
+from clpoison.attacks.poison import POISON_FILE, Poison
+from clpoison.attacks.settings import attack_settings, check_attack
+from clpoison.engine import load_data
 
 
 def random_noise(train_set, epsilon: float, kind: str = "sample", seed: int = 0) -> Poison:
@@ -26,10 +28,6 @@ def generate_random(cfg, out_dir, *, attack: str = "random", train_set=None, res
                     progress: bool = True, **_ignored) -> Poison:
     """Random noise with ``cfg``'s budget (``attack.epsilon``), seeded by ``train.seed``, written
     to ``out_dir/poison.safetensors``. Nothing to resume: it takes a moment."""
-    from clpoison.attacks.poison import POISON_FILE
-    from clpoison.attacks.settings import attack_settings, check_attack
-    from clpoison.engine import load_data
-
     a = attack_settings(cfg, check_attack(attack, ("random", "random-c")))
     if train_set is None:
         train_set, _ = load_data(cfg)

@@ -22,7 +22,7 @@ from clpoison.errors import ClpoisonError
 
 @dataclass
 class CPConfig:
-    """CP hyper-parameters (the ``attack`` section of a preset). Defaults: the original README."""
+    """CP hyper-parameters (the ``attack`` section of a preset). Defaults: the original code's README."""
 
     kind: str = "class"                 # class (CP-C) | sample (CP-S)
     epsilon: float = 8 / 255

@@ -27,22 +27,21 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clpoison.attacks.pgd import signed_step
-from clpoison.attacks.settings import UEConfig, attack_settings, check_attack
 from clpoison.attacks.poison import POISON_FILE, Poison
+from clpoison.attacks.settings import UEConfig, attack_settings, check_attack
+from clpoison.augment import Normalize
 from clpoison.config import Config
-from clpoison.errors import ClpoisonError
-from clpoison.models.fuse import fuse_conv_bn
+from clpoison.data import normalization_stats
+from clpoison.engine import (EpochSampler, RunLogger, build_optimizer, epoch_generator, load_data,
+                             load_resume_state, refuse_existing_run, resume_key, save_checkpoint,
+                             setup_runtime, truncate_metrics)
 from clpoison.engine import memory_format as channels_format
-from clpoison.engine import (load_resume_state, refuse_existing_run,
-                                   EpochSampler, RunLogger, build_optimizer, epoch_generator,
-                                   load_data, resume_key, save_checkpoint,
-                                   setup_runtime, truncate_metrics)
+from clpoison.models.fuse import fuse_conv_bn
 from clpoison.train.supervised import build_classifier, build_crop_flip, supervised_step
 from clpoison.utils import seed_everything, versions, write_json_atomic
 
 CHECKPOINT = "generation.pt"
-
-
+GENERATION_FILES = (CHECKPOINT, POISON_FILE, "metrics.jsonl")
 
 
 def ue_config(cfg: Config, attack: str = "ue-s") -> UEConfig:
@@ -99,108 +98,142 @@ def generate_ue(cfg: Config, out_dir: str | Path, *, attack: str = "ue-s", train
                 resume: bool = False, progress: bool = True, **_ignored) -> Poison:
     """Error-minimising noise in ``out_dir`` (``poison.safetensors``, ``metrics.jsonl``,
     ``summary.json``, a resumable ``generation.pt``)."""
-    from clpoison.augment import Normalize
-    from clpoison.data import normalization_stats
-
     t_start = time.time()
     a = ue_config(cfg, attack)
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    refuse_existing_run(out_dir, resume, (CHECKPOINT, POISON_FILE, "metrics.jsonl"),
-                        "generation run")
+    refuse_existing_run(out_dir, resume, GENERATION_FILES, "generation run")
     device = setup_runtime(cfg)
-    t = cfg.train
     if train_set is None:
         train_set, _ = load_data(cfg)
-    mean, std = normalization_stats(cfg.data.dataset)
-    seed = a.seed if a.seed is not None else t.seed + 2000
-    seed_everything(seed)
-    poison = Poison.for_dataset(a.kind, a.epsilon, train_set, init=a.init,
-                                generator=torch.Generator().manual_seed(seed), attack=attack,
-                                algorithm="supervised",
-                                config=json.dumps(cfg.to_dict(), default=str))
-    delta = poison.perturbation.to(device)
-    row_of = poison.rows(train_set.labels, train_set.indices).to(device)
-    images, labels = train_set.images.to(device), train_set.labels.to(device)
-
-    model = build_classifier(cfg, train_set.num_classes).to(device)
-    memory_format = channels_format(cfg, device)
-    model = model.to(memory_format=memory_format)
-    augment = build_crop_flip(cfg, mean, std).to(device)
-    normalize = Normalize(mean, std).to(device)
-    optimizer = build_optimizer(model.parameters(), cfg)
-    sampler = EpochSampler(len(train_set), t.batch_size, seed)
-    noise_sampler = EpochSampler(len(train_set), t.batch_size, seed + 1, drop_last=False)
-    per_epoch = len(sampler)
-
+    ue = UEGenerator(cfg, a, attack, train_set, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = RunLogger(out_dir, quiet=not progress)
-    start_round, model_step = 0, 0
     if resume and ckpt_path.exists():
-        state = load_resume_state(ckpt_path, cfg, attack=asdict(a))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        delta.copy_(state["delta"].to(device))
-        start_round, model_step = int(state["round"]), int(state["model_step"])
-        truncate_metrics(out_dir, "round", start_round)
-        log.info(f"resumed generation from {ckpt_path} at round {start_round}")
+        ue.load(load_resume_state(ckpt_path, cfg, attack=asdict(a)))
+        truncate_metrics(out_dir, "round", ue.round)
+        log.info(f"resumed generation from {ckpt_path} at round {ue.round}")
     log.info(f"{attack}: up to {a.max_rounds} rounds x ({a.model_steps} surrogate steps + one pass "
              f"x {a.pgd_steps} poison steps), stop at train error < {a.stop_error}, "
              f"{len(train_set)} images, eps {a.epsilon * 255:.1f}/255")
+    error = ue.run(log, progress, ckpt_path)
 
-    def checkpoint(round_done: int) -> None:
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "delta": delta.cpu(), "round": round_done,
-                                    "model_step": model_step, "resume_key": resume_key(cfg),
-                                    "attack": asdict(a)})
-
-    noise_view = (lambda xp, g: augment(xp, generator=g)) if a.augment_noise else (
-        lambda xp, g: normalize(xp))
-    error, rounds_done = poisoned_error(model, delta, images, labels, row_of, normalize,
-                                        memory_format), start_round
-    t_loop = time.time()
-    for r in tqdm(range(start_round, a.max_rounds), desc=attack, disable=not progress,
-                  dynamic_ncols=True):
-        model.train()
-        m_loss = 0.0
-        for _ in range(a.model_steps):
-            epoch, b = divmod(model_step, per_epoch)
-            rows = sampler.batches(epoch)[b].to(device)
-            x = (images[rows].float().div_(255) + delta[row_of[rows]]).clamp_(0, 1)
-            gen = epoch_generator(device, seed, model_step, stream=1)
-            loss = supervised_step(model, augment, x, labels[rows], gen, memory_format)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            m_loss += loss.item() / a.model_steps
-            model_step += 1
-        gen = epoch_generator(device, seed, r, stream=2)
-        batches = [rows.to(device) for rows in noise_sampler.batches(r)]
-        before, after = ue_noise_pass(model, delta, images, labels, row_of, batches, noise_view,
-                                      a.step_size * a.epsilon, a.epsilon, a.pgd_steps, gen,
-                                      memory_format)
-        error = poisoned_error(model, delta, images, labels, row_of, normalize, memory_format)
-        rounds_done = r + 1
-        log.metrics({"round": r + 1, "model_loss": round(m_loss, 5),
-                     "poison_loss_before": round(before, 5), "poison_loss_after": round(after, 5),
-                     "train_error": round(error, 5), "seconds": round(time.time() - t_loop, 1)})
-        if (r + 1) % a.log_every == 0:
-            log.info(f"round {r + 1}: surrogate loss {m_loss:.4f}, poisoned CE {before:.4f} -> "
-                     f"{after:.4f}, poisoned train error {error:.4f}")
-        if error < a.stop_error:
-            log.info(f"stop: poisoned train error {error:.4f} < {a.stop_error}")
-            break
-        if a.checkpoint_every and (r + 1) % a.checkpoint_every == 0:
-            checkpoint(r + 1)
-
-    poison.perturbation = delta.cpu()
-    poison.meta.update(rounds_done=rounds_done, final_train_error=error)
+    poison = ue.poison
+    poison.perturbation = ue.delta.cpu()
+    poison.meta.update(rounds_done=ue.round, final_train_error=error)
     poison.save(out_dir / POISON_FILE)
     write_json_atomic(out_dir / "summary.json", {
         "attack": attack, "algorithm": "supervised", "train_size": len(train_set),
-        "train_fingerprint": train_set.fingerprint(), "ue": asdict(a), "rounds_done": rounds_done,
+        "train_fingerprint": train_set.fingerprint(), "ue": asdict(a), "rounds_done": ue.round,
         "final_train_error": error, "stopped_early": error < a.stop_error,
         "wall_seconds": round(time.time() - t_start, 1), "config": cfg.to_dict(),
         "versions": versions()})
-    checkpoint(rounds_done)
+    save_checkpoint(ckpt_path, ue.state())
     return poison
+
+
+class UEGenerator:
+    """Min-min generation state: a supervised surrogate (``model``, ``optimizer``) and the
+    poison ``delta`` (K, 3, H, W on the device; K classes or images) that both minimise the
+    cross-entropy on poisoned data. ``round`` and ``model_step`` count the finished rounds and
+    surrogate steps (what a checkpoint resumes from)."""
+
+    def __init__(self, cfg: Config, a: UEConfig, attack: str, train_set, device: torch.device):
+        self.cfg, self.a, self.attack, self.device = cfg, a, attack, device
+        mean, std = normalization_stats(cfg.data.dataset)
+        self.seed = seed = a.seed if a.seed is not None else cfg.train.seed + 2000
+        seed_everything(seed)
+        self.poison = Poison.for_dataset(a.kind, a.epsilon, train_set, init=a.init,
+                                         generator=torch.Generator().manual_seed(seed),
+                                         attack=attack, algorithm="supervised",
+                                         config=json.dumps(cfg.to_dict(), default=str))
+        self.delta = self.poison.perturbation.to(device)
+        self.row_of = self.poison.rows(train_set.labels, train_set.indices).to(device)
+        self.images, self.labels = train_set.images.to(device), train_set.labels.to(device)
+        self.model = build_classifier(cfg, train_set.num_classes).to(device)
+        self.memory_format = channels_format(cfg, device)
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.augment = build_crop_flip(cfg, mean, std).to(device)
+        self.normalize = Normalize(mean, std).to(device)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg)
+        batch_size = cfg.train.batch_size
+        self.sampler = EpochSampler(len(train_set), batch_size, seed)
+        self.noise_sampler = EpochSampler(len(train_set), batch_size, seed + 1, drop_last=False)
+        self.round, self.model_step = 0, 0
+
+    def state(self) -> dict:
+        """What ``generation.pt`` holds."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "delta": self.delta.cpu(), "round": self.round, "model_step": self.model_step,
+                "resume_key": resume_key(self.cfg), "attack": asdict(self.a)}
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.delta.copy_(state["delta"].to(self.device))
+        self.round, self.model_step = int(state["round"]), int(state["model_step"])
+
+    def run(self, log: RunLogger, progress: bool, ckpt_path: Path) -> float:
+        """Rounds until the surrogate's error on the poisoned training set falls below
+        ``stop_error`` or ``max_rounds`` are done; returns that error."""
+        a = self.a
+        error = self.train_error()
+        t_loop = time.time()
+        for r in tqdm(range(self.round, a.max_rounds), desc=self.attack, disable=not progress,
+                      dynamic_ncols=True):
+            m_loss = self.surrogate_steps()
+            before, after = self.noise_pass(r)
+            error = self.train_error()
+            self.round = r + 1
+            log.metrics({"round": r + 1, "model_loss": round(m_loss, 5),
+                         "poison_loss_before": round(before, 5),
+                         "poison_loss_after": round(after, 5), "train_error": round(error, 5),
+                         "seconds": round(time.time() - t_loop, 1)})
+            if (r + 1) % a.log_every == 0:
+                log.info(f"round {r + 1}: surrogate loss {m_loss:.4f}, poisoned CE {before:.4f} "
+                         f"-> {after:.4f}, poisoned train error {error:.4f}")
+            if error < a.stop_error:
+                log.info(f"stop: poisoned train error {error:.4f} < {a.stop_error}")
+                break
+            if a.checkpoint_every and (r + 1) % a.checkpoint_every == 0:
+                save_checkpoint(ckpt_path, self.state())
+        return error
+
+    def surrogate_steps(self) -> float:
+        """``model_steps`` SGD steps of the surrogate on augmented poisoned batches (the batch
+        order runs on across rounds); returns their mean loss."""
+        a, device = self.a, self.device
+        self.model.train()
+        m_loss = 0.0
+        for _ in range(a.model_steps):
+            epoch, b = divmod(self.model_step, len(self.sampler))
+            rows = self.sampler.batches(epoch)[b].to(device)
+            x = (self.images[rows].float().div_(255) + self.delta[self.row_of[rows]]).clamp_(0, 1)
+            gen = epoch_generator(device, self.seed, self.model_step, stream=1)
+            loss = supervised_step(self.model, self.augment, x, self.labels[rows], gen,
+                                   self.memory_format)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            m_loss += loss.item() / a.model_steps
+            self.model_step += 1
+        return m_loss
+
+    def noise_view(self, xp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """What the poison steps see: crop + flip views (``augment_noise``), else normalised."""
+        if self.a.augment_noise:
+            return self.augment(xp, generator=generator)
+        return self.normalize(xp)
+
+    def noise_pass(self, r: int) -> tuple[float, float]:
+        """Round ``r``'s pass of error-minimising steps over the whole training set."""
+        a = self.a
+        gen = epoch_generator(self.device, self.seed, r, stream=2)
+        batches = [rows.to(self.device) for rows in self.noise_sampler.batches(r)]
+        return ue_noise_pass(self.model, self.delta, self.images, self.labels, self.row_of,
+                             batches, self.noise_view, a.step_size * a.epsilon, a.epsilon,
+                             a.pgd_steps, gen, self.memory_format)
+
+    def train_error(self) -> float:
+        return poisoned_error(self.model, self.delta, self.images, self.labels, self.row_of,
+                              self.normalize, self.memory_format)

@@ -184,8 +184,12 @@ def _build_npz(path: Path, name: str, split: str) -> ImageDataset:
         raise ClpoisonError(f"{path}: y_{split} has negative labels; labels must be 0..K-1")
     if names_arr is not None:
         class_names = [str(c) for c in np.asarray(names_arr).reshape(-1)]
-    else:
+    else:   # classes 0..max label; more classes than labelled images means a broken label
         k = max(int(a.max()) + 1 if a.size else 0 for a in ys_all)
+        n_labels = sum(int(a.size) for a in ys_all)
+        if k > max(n_labels, 1):
+            raise ClpoisonError(f"{path}: label {k - 1} implies {k} classes for {n_labels} labelled "
+                                f"images; fix the labels or store class_names")
         class_names = [str(i) for i in range(max(k, 1))]
     if y.size and int(y.max()) >= len(class_names):
         raise ClpoisonError(f"{path}: y_{split} has label {int(y.max())} but only {len(class_names)} class_names; "

@@ -14,8 +14,9 @@
 ``adversarial``             PGD views maximising the victim's own loss (``adv_*``; training loop)
 ==========================  =======================================================================
 
-Offline defenses transform the (poisoned) training set once before training; online ones wrap
-the victim's augmentation. The probe data and the test set stay clean and untouched.
+Each defense is a ``Defense`` in ``REGISTRY``: offline ones transform the (poisoned) training set
+once before training; online ones wrap the victim's augmentation. The probe data and the test
+set stay clean and untouched.
 
 Example::
 
@@ -26,57 +27,36 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
+from clpoison.augment import AugmentConfig, ContrastiveAugment
+from clpoison.config import DefenseConfig
+from clpoison.data import ImageDataset
 from clpoison.defenses.adversarial import adversarial_inputs
 from clpoison.defenses.augmentations import cutout, gaussian_blur, gaussian_noise
 from clpoison.defenses.matrix_completion import complete, complete_uint8
 from clpoison.defenses.squeeze import bit_depth, grayscale, jpeg
 from clpoison.errors import ClpoisonError
 
-OFFLINE = ("matrix-completion", "jpeg", "grayscale", "bit-depth")
-ONLINE = ("matrix-completion-online", "cutout", "noise", "blur")
-PIPELINE = ("strong-crop",)
-LOOP = ("adversarial",)
-DEFENSES = OFFLINE + ONLINE + PIPELINE + LOOP
-# the ``cfg.defense`` settings (by name prefix) each defense reads; the others do not touch it
-_SETTINGS = {"matrix-completion": "mc_", "matrix-completion-online": "mc_", "jpeg": "jpeg_",
-             "grayscale": None, "bit-depth": "bit_depth", "cutout": "cutout_", "noise": "noise_",
-             "blur": "blur_", "strong-crop": "strong_crop_", "adversarial": "adv_"}
 
+@dataclass(frozen=True)
+class Defense:
+    """One defense: where it acts and which ``cfg.defense`` settings it reads.
 
-def settings_used(names) -> list[str]:
-    """The ``cfg.defense`` fields that the defenses ``names`` read (e.g. jpeg -> [jpeg_quality]):
-    two runs with the same defenses differ only if one of these differs."""
-    from dataclasses import fields
+    ``kind``: ``offline`` (``apply(d, dataset, seed) -> dataset``, once before training),
+    ``online`` (``apply(d, x, generator) -> x``, per batch and view, before the victim's
+    augmentation), ``pipeline`` (changes the victim's augmentation itself) or ``loop`` (the
+    training loop's adversarial views). ``settings``: the prefix of the ``DefenseConfig`` fields
+    it reads (None: none). ``check``: validates those settings (raises ``ClpoisonError``)."""
 
-    from clpoison.config import DefenseConfig
-
-    unknown = [n for n in names if n not in _SETTINGS]
-    if unknown:
-        raise ClpoisonError(f"unknown defense(s) {unknown}; choose from {', '.join(DEFENSES)}")
-    prefixes = [_SETTINGS[n] for n in names if _SETTINGS[n]]
-    return [f.name for f in fields(DefenseConfig) if f.name != "names"
-            and any(f.name.startswith(pre) for pre in prefixes)]
-
-
-def check_defenses(d) -> list[str]:
-    """Validate ``cfg.defense``; returns the names in order."""
-    names = list(d.names)
-    unknown = [n for n in names if n not in DEFENSES]
-    if unknown:
-        raise ClpoisonError(f"unknown defense(s) {unknown}; choose from {', '.join(DEFENSES)}")
-    if len(set(names)) != len(names):
-        raise ClpoisonError(f"defense listed twice in {names}")
-    if any(n.startswith("matrix-completion") for n in names):
-        lo, hi = _p_range(d)
-        if d.mc_copies < 1:
-            raise ClpoisonError(f"defense.mc_copies must be >= 1, got {d.mc_copies}")
-    if "adversarial" in names and (d.adv_steps < 1 or not 0 < d.adv_epsilon <= 1):
-        raise ClpoisonError("defense.adv_steps must be >= 1 and defense.adv_epsilon in (0, 1]")
-    return names
+    kind: str
+    settings: str | None
+    apply: Callable | None = None
+    check: Callable | None = None
 
 
 def _p_range(d) -> tuple[float, float]:
@@ -95,41 +75,109 @@ def _mc_kwargs(d) -> dict:
                 lam=d.mc_lambda, iters=d.mc_iters)
 
 
-def defend_dataset(d, dataset, seed: int = 0):
-    """Apply the offline defenses of ``d`` (a DefenseConfig) to an ImageDataset, in order.
+def _check_mc(d) -> None:
+    _p_range(d)
+    if d.mc_copies < 1:
+        raise ClpoisonError(f"defense.mc_copies must be >= 1, got {d.mc_copies}")
 
-    Matrix completion with ``mc_copies`` = k replicates the set k times, copy j masked with
-    keep-probability spread evenly over ``mc_p`` (k = 1: one p per image, drawn uniformly)."""
-    names = check_defenses(d)
+
+def _check_adversarial(d) -> None:
+    if d.adv_steps < 1 or not 0 < d.adv_epsilon <= 1:
+        raise ClpoisonError("defense.adv_steps must be >= 1 and defense.adv_epsilon in (0, 1]")
+
+
+def _matrix_completion(d, dataset, seed: int):
+    """Matrix completion of every image; with ``mc_copies`` = k the set is replicated k times,
+    copy j masked with keep-probability spread evenly over ``mc_p`` (k = 1: one p per image,
+    drawn uniformly)."""
+    lo, hi = _p_range(d)
+    gen = torch.Generator().manual_seed(seed + 4242)
+    n = len(dataset)
+    if d.mc_copies == 1:
+        p = lo + (hi - lo) * torch.rand(n, generator=gen)
+        images = complete_uint8(dataset.images, p, generator=gen, **_mc_kwargs(d))
+        return dataset.with_images(images, source=f"{dataset.source} + matrix completion")
+    ps = torch.linspace(lo, hi, d.mc_copies)
+    parts = [complete_uint8(dataset.images, torch.full((n,), float(p)), generator=gen,
+                            **_mc_kwargs(d)) for p in ps]
+    return ImageDataset(dataset.name, dataset.split, torch.cat(parts),
+                        dataset.labels.repeat(d.mc_copies), dataset.indices.repeat(d.mc_copies),
+                        dataset.class_names,
+                        source=f"{dataset.source} + matrix completion x{d.mc_copies}")
+
+
+def _jpeg(d, dataset, seed: int):
+    return dataset.with_images(jpeg(dataset.images, d.jpeg_quality),
+                               source=f"{dataset.source} + jpeg{d.jpeg_quality}")
+
+
+def _grayscale(d, dataset, seed: int):
+    return dataset.with_images(grayscale(dataset.images), source=f"{dataset.source} + gray")
+
+
+def _bit_depth(d, dataset, seed: int):
+    return dataset.with_images(bit_depth(dataset.images, d.bit_depth),
+                               source=f"{dataset.source} + {d.bit_depth}-bit")
+
+
+def _matrix_completion_online(d, x: torch.Tensor, generator) -> torch.Tensor:
+    lo, hi = _p_range(d)
+    gdev = generator.device if generator is not None else x.device
+    p = lo + (hi - lo) * torch.rand(x.shape[0], generator=generator, device=gdev)
+    return complete(x, p.to(x.device), generator=generator, **_mc_kwargs(d))
+
+
+# name -> Defense, in the order of the table above (``DEFENSES`` lists them in this order)
+REGISTRY: dict[str, Defense] = {
+    "matrix-completion": Defense("offline", "mc_", _matrix_completion, _check_mc),
+    "jpeg": Defense("offline", "jpeg_", _jpeg),
+    "grayscale": Defense("offline", None, _grayscale),
+    "bit-depth": Defense("offline", "bit_depth", _bit_depth),
+    "matrix-completion-online": Defense("online", "mc_", _matrix_completion_online, _check_mc),
+    "cutout": Defense("online", "cutout_", lambda d, x, g: cutout(x, d.cutout_size, g)),
+    "noise": Defense("online", "noise_", lambda d, x, g: gaussian_noise(x, d.noise_std, g)),
+    "blur": Defense("online", "blur_", lambda d, x, g: gaussian_blur(x, d.blur_sigma, g)),
+    "strong-crop": Defense("pipeline", "strong_crop_"),
+    "adversarial": Defense("loop", "adv_", check=_check_adversarial),
+}
+DEFENSES = tuple(REGISTRY)
+
+
+def _unknown(names) -> None:
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise ClpoisonError(f"unknown defense(s) {unknown}; choose from {', '.join(DEFENSES)}")
+
+
+def settings_used(names) -> list[str]:
+    """The ``cfg.defense`` fields that the defenses ``names`` read (e.g. jpeg -> [jpeg_quality]):
+    two runs with the same defenses differ only if one of these differs."""
+    _unknown(names)
+    prefixes = [REGISTRY[n].settings for n in names if REGISTRY[n].settings]
+    return [f.name for f in dataclasses.fields(DefenseConfig) if f.name != "names"
+            and any(f.name.startswith(pre) for pre in prefixes)]
+
+
+def check_defenses(d) -> list[str]:
+    """Validate ``cfg.defense``; returns the names in order."""
+    names = list(d.names)
+    _unknown(names)
+    if len(set(names)) != len(names):
+        raise ClpoisonError(f"defense listed twice in {names}")
     for name in names:
-        if name not in OFFLINE:
-            continue
-        if name == "matrix-completion":
-            lo, hi = _p_range(d)
-            gen = torch.Generator().manual_seed(seed + 4242)
-            n = len(dataset)
-            if d.mc_copies == 1:
-                p = lo + (hi - lo) * torch.rand(n, generator=gen)
-                images = complete_uint8(dataset.images, p, generator=gen, **_mc_kwargs(d))
-                dataset = dataset.with_images(images, source=f"{dataset.source} + matrix completion")
-            else:
-                ps = torch.linspace(lo, hi, d.mc_copies)
-                parts = [complete_uint8(dataset.images, torch.full((n,), float(p)), generator=gen,
-                                        **_mc_kwargs(d)) for p in ps]
-                from clpoison.data import ImageDataset
+        if REGISTRY[name].check is not None:
+            REGISTRY[name].check(d)
+    return names
 
-                dataset = ImageDataset(dataset.name, dataset.split, torch.cat(parts),
-                                       dataset.labels.repeat(d.mc_copies),
-                                       dataset.indices.repeat(d.mc_copies), dataset.class_names,
-                                       source=f"{dataset.source} + matrix completion x{d.mc_copies}")
-        elif name == "jpeg":
-            dataset = dataset.with_images(jpeg(dataset.images, d.jpeg_quality),
-                                          source=f"{dataset.source} + jpeg{d.jpeg_quality}")
-        elif name == "grayscale":
-            dataset = dataset.with_images(grayscale(dataset.images), source=f"{dataset.source} + gray")
-        elif name == "bit-depth":
-            dataset = dataset.with_images(bit_depth(dataset.images, d.bit_depth),
-                                          source=f"{dataset.source} + {d.bit_depth}-bit")
+
+def _of_kind(names, kind: str) -> list[str]:
+    return [n for n in names if n in REGISTRY and REGISTRY[n].kind == kind]
+
+
+def defend_dataset(d, dataset, seed: int = 0):
+    """Apply the offline defenses of ``d`` (a DefenseConfig) to an ImageDataset, in order."""
+    for name in _of_kind(check_defenses(d), "offline"):
+        dataset = REGISTRY[name].apply(d, dataset, seed)
     return dataset
 
 
@@ -140,22 +188,11 @@ class DefendedAugment(nn.Module):
         super().__init__()
         self.augment = augment
         self.d = d
-        self.names = [n for n in names if n in ONLINE]
+        self.names = _of_kind(names, "online")
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        d = self.d
         for name in self.names:
-            if name == "matrix-completion-online":
-                lo, hi = _p_range(d)
-                gdev = generator.device if generator is not None else x.device
-                p = lo + (hi - lo) * torch.rand(x.shape[0], generator=generator, device=gdev)
-                x = complete(x, p.to(x.device), generator=generator, **_mc_kwargs(d))
-            elif name == "cutout":
-                x = cutout(x, d.cutout_size, generator)
-            elif name == "noise":
-                x = gaussian_noise(x, d.noise_std, generator)
-            elif name == "blur":
-                x = gaussian_blur(x, d.blur_sigma, generator)
+            x = REGISTRY[name].apply(self.d, x, generator)
         return self.augment(x, generator=generator)
 
 
@@ -163,8 +200,6 @@ def defended_augment(d, augment: nn.Module, supervised: bool = False, mean=None,
     """Wrap the victim's augmentation with the pipeline and online defenses of ``d``."""
     names = check_defenses(d)
     if "strong-crop" in names:
-        from clpoison.augment import AugmentConfig, ContrastiveAugment
-
         lo, hi = d.strong_crop_scale
         if supervised:    # crop-and-resize + flip only, no colour jitter
             cfg = AugmentConfig(scale=(lo, hi), jitter_p=0.0, gray_p=0.0)
@@ -172,7 +207,7 @@ def defended_augment(d, augment: nn.Module, supervised: bool = False, mean=None,
             cfg = dataclasses.replace(augment.config, scale=(lo, hi))
         augment = ContrastiveAugment(cfg, mean=mean if mean is not None else augment.mean,
                                      std=std if std is not None else augment.std)
-    if not any(n in ONLINE for n in names):
+    if not _of_kind(names, "online"):
         return augment
     return DefendedAugment(augment, d, names)
 
@@ -184,7 +219,7 @@ def adversarial_settings(d):
     return d.adv_epsilon, d.adv_steps, d.adv_step_size * d.adv_epsilon
 
 
-__all__ = ["DEFENSES", "DefendedAugment", "adversarial_inputs", "adversarial_settings", "bit_depth",
-           "check_defenses", "complete", "complete_uint8", "cutout", "defend_dataset",
-           "defended_augment", "gaussian_blur", "gaussian_noise", "grayscale", "jpeg",
-           "settings_used"]
+__all__ = ["DEFENSES", "Defense", "DefendedAugment", "REGISTRY", "adversarial_inputs",
+           "adversarial_settings", "bit_depth", "check_defenses", "complete", "complete_uint8",
+           "cutout", "defend_dataset", "defended_augment", "gaussian_blur", "gaussian_noise",
+           "grayscale", "jpeg", "settings_used"]

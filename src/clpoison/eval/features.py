@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+
+from clpoison.models.fuse import fuse_conv_bn
 
 
 @torch.no_grad()
@@ -13,10 +17,6 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, mean, std,
     """Features (N, D) of uint8 images (N,3,H,W), encoder in eval mode (BN running stats).
 
     Runs a BN-folded copy of the encoder (same function, fewer kernels)."""
-    import copy
-
-    from clpoison.models.fuse import fuse_conv_bn
-
     encoder = fuse_conv_bn(copy.deepcopy(encoder).eval())
     device = torch.device(device)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from clpoison.models.heads import MLPHead
-from clpoison.ssl.base import ContrastiveMethod, ema_update
+from clpoison.ssl.base import ContrastiveMethod
 from clpoison.ssl.losses import negative_cosine_loss
 
 
@@ -16,7 +16,7 @@ class BYOL(ContrastiveMethod):
     """Online encoder+projector+predictor regress an EMA target's projections, symmetrised.
 
     loss = 0.5 * (-cos(p1, z2)) + 0.5 * (-cos(p2, z1)), as the original CP code. The target is
-    computed without gradient unless ``target_branch_grad`` is set (dual-branch poisoning); in
+    computed without gradient unless ``target_grad`` is passed (dual-branch poisoning); in
     that case the gradient reaches the *input* through the target branch, never its weights. The
     original code detached the target inside the loss, so its dual-branch flag had no effect on
     BYOL; here it does.
@@ -36,18 +36,17 @@ class BYOL(ContrastiveMethod):
             p.requires_grad_(False)
         self.momentum = momentum
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.encoder, self.target_encoder), (self.projector, self.target_projector)]
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor,
+                target_grad: bool = False) -> torch.Tensor:
         n = view1.shape[0]
         views = torch.cat([view1, view2])
         p = self.predictor(self.projector(self.encoder(views)))
-        if self.target_branch_grad:
+        if target_grad:
             z = self.target_projector(self.target_encoder(views))
         else:
             with torch.no_grad():
                 z = self.target_projector(self.target_encoder(views))
         return 0.5 * (negative_cosine_loss(p[:n], z[n:]) + negative_cosine_loss(p[n:], z[:n]))
-
-    @torch.no_grad()
-    def on_step_end(self) -> None:
-        ema_update(self.target_encoder, self.encoder, self.momentum)
-        ema_update(self.target_projector, self.projector, self.momentum)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clpoison.models.heads import MLPHead
-from clpoison.ssl.base import ContrastiveMethod, ema_update
+from clpoison.ssl.base import ContrastiveMethod
 from clpoison.ssl.losses import info_nce_loss
 
 
@@ -27,6 +27,7 @@ class MoCoV2(ContrastiveMethod):
     """
 
     name = "mocov2"
+    momentum_buffers = ("queue", "queue_ptr")
 
     def __init__(self, encoder: nn.Module, proj_hidden: int | None = None, proj_dim: int = 128,
                  temperature: float = 0.2, queue_size: int = 4096, momentum: float = 0.99,
@@ -48,9 +49,13 @@ class MoCoV2(ContrastiveMethod):
     def _keys(self, view: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.key_projector(self.key_encoder(view)), dim=1)
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.encoder, self.key_encoder), (self.projector, self.key_projector)]
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor,
+                target_grad: bool = False) -> torch.Tensor:
         q = F.normalize(self.projector(self.encoder(view1)), dim=1)
-        if self.target_branch_grad:
+        if target_grad:
             k = self._keys(view2)
         else:
             with torch.no_grad():
@@ -60,8 +65,7 @@ class MoCoV2(ContrastiveMethod):
 
     @torch.no_grad()
     def on_step_end(self) -> None:
-        ema_update(self.key_encoder, self.encoder, self.momentum)
-        ema_update(self.key_projector, self.projector, self.momentum)
+        super().on_step_end()          # EMA of the key encoder and projector
         if self._last_keys is not None:
             self.enqueue(self._last_keys)
             self._last_keys = None

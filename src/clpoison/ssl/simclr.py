@@ -28,7 +28,8 @@ class SimCLR(ContrastiveMethod):
         self.temperature = temperature
         self.loss_scale = loss_scale
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor,
+                target_grad: bool = False) -> torch.Tensor:
         n = view1.shape[0]
         # One pass over both views: BN statistics over 2N images, as the original.
         z = F.normalize(self.projector(self.encoder(torch.cat([view1, view2]))), dim=1)

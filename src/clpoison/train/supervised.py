@@ -15,36 +15,32 @@ Example::
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from clpoison.augment import CropFlipAugment
 from clpoison.config import Config
+from clpoison.defenses import defended_augment
+from clpoison.engine import autocast, build_optimizer, check_signature, load_checkpoint
 from clpoison.engine import memory_format as channels_format
-from clpoison.engine import (end_of_epoch, victim_inputs, load_resume_state, refuse_existing_run,
-                                   EpochSampler, RunLogger, autocast, build_optimizer,
-                                   epoch_generator, load_checkpoint, lr_at,
-                                   model_signature, check_signature, resume_key, save_checkpoint,
-                                   setup_runtime, truncate_metrics)
-from clpoison.utils import seed_everything, versions, write_json_atomic
+from clpoison.models import Classifier, build_encoder
+from clpoison.models.fuse import fuse_conv_bn
+from clpoison.train.loop import CHECKPOINT, VictimLoop
+from clpoison.utils import seed_everything
 
-CHECKPOINT = "checkpoint.pt"
 CROP_PADDING = 4
 
 
 def build_classifier(cfg: Config, num_classes: int):
-    from clpoison.models import Classifier, build_encoder
-
+    """The ResNet of ``cfg.model`` with a linear classifier of ``num_classes`` outputs."""
     return Classifier(build_encoder(cfg.model.arch, cfg.model.width, cfg.model.stem), num_classes)
 
 
 def build_crop_flip(cfg: Config, mean, std):
-    from clpoison.augment import CropFlipAugment
-
+    """Standard supervised augmentation: random crop with 4 pixels of zero padding + flip."""
     return CropFlipAugment(CROP_PADDING, cfg.augment.flip_p, mean=mean, std=std)
 
 
@@ -52,8 +48,6 @@ def build_crop_flip(cfg: Config, mean, std):
 def predict(model, images: torch.Tensor, mean, std, device, batch_size: int = 1024,
             poison_fn=None) -> torch.Tensor:
     """Predicted labels (N,) for uint8 images, BN in eval mode (folded copy of the model)."""
-    from clpoison.models.fuse import fuse_conv_bn
-
     frozen = fuse_conv_bn(copy.deepcopy(model).eval())
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -87,115 +81,69 @@ def train_supervised(cfg: Config, out_dir: str | Path, *, train_set=None, test_s
     :func:`pretrain` and ignored (a classifier needs no probe). Writes ``metrics.jsonl``,
     ``checkpoint.pt`` and ``summary.json``; ``resume=True`` continues to the same result."""
     t_start = time.time()
-    out_dir = Path(out_dir)
-    ckpt_path = out_dir / CHECKPOINT
-    refuse_existing_run(out_dir, resume, (CHECKPOINT, "summary.json", "metrics.jsonl"))
-    device = setup_runtime(cfg)
-    t = cfg.train
-    from clpoison.defenses import adversarial_inputs, defended_augment
-
-    train_set, probe_set, test_set, mean, std, adversarial = victim_inputs(   # offline defenses
-        cfg, train_set, probe_set, test_set, need_probe=False)
-    images = train_set.images.to(device)
-    labels = train_set.labels.to(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLogger(out_dir, quiet=not progress)
-    log.info(f"supervised on {len(train_set)} images of {cfg.data.dataset} ({cfg.model.arch} "
-             f"width {cfg.model.width}, {t.epochs} epochs, batch {t.batch_size}, device {device})")
-
-    seed_everything(t.seed)
-    model = build_classifier(cfg, train_set.num_classes).to(device)
-    memory_format = channels_format(cfg, device)
-    model = model.to(memory_format=memory_format)
-    augment = defended_augment(cfg.defense, build_crop_flip(cfg, mean, std), supervised=True,
-                               mean=mean, std=std).to(device)
-    optimizer = build_optimizer(model.parameters(), cfg)
-    sampler = EpochSampler(len(train_set), t.batch_size, t.seed)
-    steps_per_epoch = len(sampler)
-    total_steps = t.epochs * steps_per_epoch
-    warmup_steps = round(t.warmup_epochs * steps_per_epoch)
-
-    start_epoch, loss_value = 0, float("nan")
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        check_signature(state["signature"], cfg, ckpt_path)
-        load_resume_state(ckpt_path, cfg, state)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"])
-        loss_value = float(state.get("final_loss", float("nan")))
-        truncate_metrics(out_dir, "epoch", start_epoch)
-        log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
-
-    def checkpoint(epoch: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "signature": model_signature(cfg), "config": json.dumps(cfg.to_dict(), default=str),
-            "resume_key": resume_key(cfg), "final_loss": loss_value,
-            "num_classes": train_set.num_classes})
-
+    run = SupervisedVictim(cfg, out_dir, resume=resume, progress=progress, train_set=train_set,
+                           probe_set=probe_set, test_set=test_set)
+    run.resume()
     t_train = time.time()
-    step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, t.epochs):
-        model.train()
-        gen = epoch_generator(device, t.seed, epoch)
-        loss_sum = torch.zeros((), device=device)
-        t_epoch = time.time()
-        for rows in tqdm(sampler.batches(epoch), desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
-                         disable=not progress or log.quiet, dynamic_ncols=True):
-            lr = lr_at(step, total_steps, warmup_steps, t.lr, t.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            rows = rows.to(device)
-            x = images[rows].float().div_(255)
-            if adversarial is not None:
-                state = gen.get_state()
-
-                def own_loss(xp, y=labels[rows]):
-                    gen.set_state(state)
-                    return supervised_step(model, augment, xp, y, gen, memory_format,
-                                           autocast(cfg, device))
-
-                x = adversarial_inputs(own_loss, x, *adversarial,
-                                       generator=epoch_generator(device, t.seed, step, stream=5))
-                gen.set_state(state)
-            loss = supervised_step(model, augment, x, labels[rows], gen, memory_format,
-                                   autocast(cfg, device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach().float()
-            step += 1
-        loss_value = (loss_sum / steps_per_epoch).item()
-        if end_of_epoch(log, cfg, epoch + 1, loss_value, lr, time.time() - t_epoch,
-                        steps_per_epoch, checkpoint, stop_after):
-            return None
-    train_seconds = time.time() - t_train
-
-    summary = {"algorithm": "supervised", "train_size": len(train_set),
-               "train_fingerprint": train_set.fingerprint(), "defenses": list(cfg.defense.names),
-               "final_loss": loss_value,
-               "train_seconds": round(train_seconds, 1)}
+    if not run.train(stop_after):
+        return None
+    summary = run.summary("supervised", time.time() - t_train)
     if evaluate:
+        summary.update(run.final_evaluation())
+    return run.write_summary(summary, extra_summary, t_start)
+
+
+class SupervisedVictim(VictimLoop):
+    """A supervised victim: ``self.model`` is a classifier trained with cross-entropy on
+    crop + flip views of the (possibly poisoned) training set."""
+
+    need_probe = False
+
+    def __init__(self, cfg: Config, out_dir, **data_and_run):
+        super().__init__(cfg, out_dir, **data_and_run)
+        t = cfg.train
+        self.labels = self.train_set.labels.to(self.device)
+        self.log_start("supervised")
+        seed_everything(t.seed)
+        self.model = build_classifier(cfg, self.train_set.num_classes).to(self.device)
+        self.memory_format = channels_format(cfg, self.device)
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.augment = defended_augment(cfg.defense, build_crop_flip(cfg, self.mean, self.std),
+                                        supervised=True, mean=self.mean, std=self.std
+                                        ).to(self.device)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg)
+        self.schedule()
+
+    def checkpoint_extras(self) -> dict:
+        return {"num_classes": self.train_set.num_classes}
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return supervised_step(self.model, self.augment, x, y, generator, self.memory_format,
+                               autocast(self.cfg, self.device))
+
+    def train_step(self, rows: torch.Tensor, generator: torch.Generator,
+                   step: int) -> torch.Tensor:
+        """One SGD step on the training images ``rows``; returns the loss (before the step)."""
+        x, y = self.images[rows].float().div_(255), self.labels[rows]
+        x = self.adversarial_views(lambda xp: self.loss(xp, y, generator), x, generator, step)
+        loss = self.loss(x, y, generator)
+        self.sgd_step(loss)
+        return loss
+
+    def final_evaluation(self) -> dict:
+        """Test accuracy, and accuracy on the training set as given (poisoned for a victim):
+        high there and low on the clean test set is the signature of a shortcut."""
         t_eval = time.time()
-        summary["final"] = {
-            "test_accuracy": accuracy(model, test_set, mean, std, device),
-            # on the training set as given (poisoned for a victim): high here and low on the
-            # clean test set is the signature of a shortcut
-            "train_accuracy": accuracy(model, train_set, mean, std, device),
-            "test_size": len(test_set), "eval_seconds": 0.0}
-        summary["final"]["eval_seconds"] = round(time.time() - t_eval, 2)
-        summary["random_init"] = {"test_accuracy": round(100.0 / train_set.num_classes, 2),
-                                  "note": "chance level"}
-        log.info(f"final: test accuracy {summary['final']['test_accuracy']:.2f}  (train "
-                 f"{summary['final']['train_accuracy']:.2f})")
-    summary.update(extra_summary or {})
-    summary["wall_seconds"] = round(time.time() - t_start, 1)
-    summary["config"] = cfg.to_dict()
-    summary["versions"] = versions()
-    if log.rank == 0:
-        write_json_atomic(out_dir / "summary.json", summary)
-    return summary
+        final = {"test_accuracy": accuracy(self.model, self.test_set, self.mean, self.std,
+                                           self.device),
+                 "train_accuracy": accuracy(self.model, self.train_set, self.mean, self.std,
+                                            self.device),
+                 "test_size": len(self.test_set), "eval_seconds": round(time.time() - t_eval, 2)}
+        self.log.info(f"final: test accuracy {final['test_accuracy']:.2f}  (train "
+                      f"{final['train_accuracy']:.2f})")
+        return {"final": final,
+                "random_init": {"test_accuracy": round(100.0 / self.train_set.num_classes, 2),
+                                "note": "chance level"}}
 
 
 def load_classifier(cfg: Config, run_dir: str | Path, num_classes: int, device):
