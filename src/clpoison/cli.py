@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -192,6 +193,8 @@ def cmd_export(args) -> int:
 def cmd_show(args) -> int:
     from clpoison.visualize import render_poison
 
+    if Path(args.out).is_dir():
+        raise ClpoisonError(f"show --out {args.out} is a folder; give a PNG file name, e.g. poison.png")
     poison, clean_train, _ = _poisoned_data(args)
     print(render_poison(poison, clean_train, args.out, per_class=args.per_class))
     return 0
@@ -332,11 +335,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _outputs(args) -> list[Path]:
+    """What a command writes: its ``--out`` (and an attack's ``OUT.run`` folder)."""
+    if getattr(args, "out", None) is None:
+        return []
+    out = Path(args.out)
+    return [out, out.with_suffix(".run")] if args.func is cmd_attack else [out]
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The highest folder on the way to ``path`` (``path`` included) that does not exist yet."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _run(args) -> int:
+    """The command, holding the lock on its ``--out`` (one writer per output); when it fails, an
+    output it created that holds no file yet (an empty run folder) is removed again."""
+    from clpoison.utils import output_lock
+
+    created = [m for m in (_first_missing(o.absolute()) for o in _outputs(args)) if m is not None]
+    try:
+        if getattr(args, "out", None) is None:
+            return args.func(args)
+        with output_lock(Path(args.out)):
+            return args.func(args)
+    except BaseException:
+        for folder in created:
+            if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        return _run(args)
     except ClpoisonError as exc:
         print(f"clpoison: error: {exc}", file=sys.stderr)
         return 2

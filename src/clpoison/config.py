@@ -272,9 +272,45 @@ def coerce(dotted: str, value: Any, hint: Any) -> Any:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``KEY=VALUE`` strings to ``cfg`` in place (and return it), each checked."""
+    """Apply ``KEY=VALUE`` strings to ``cfg`` in place (and return it), each checked, then the
+    whole config (:func:`check_config`)."""
     for text in overrides:
         set_value(cfg, *parse_override(text))
+    return check_config(cfg)
+
+
+# setting -> (lowest allowed, whether the lowest is allowed itself, highest or None); None values
+# (where a field allows None) mean "the default" and are not checked
+BOUNDS = {
+    "data.train_size": (1, True, None), "model.width": (1, True, None),
+    "ssl.temperature": (0, False, None), "ssl.proj_hidden": (1, True, None),
+    "ssl.proj_dim": (1, True, None), "ssl.queue_size": (1, True, None),
+    "ssl.momentum": (0, True, 1),
+    "train.epochs": (1, True, None), "train.batch_size": (1, True, None),
+    "train.lr": (0, False, None), "train.momentum": (0, True, 1),
+    "train.weight_decay": (0, True, None), "train.warmup_epochs": (0, True, None),
+    "train.min_lr_ratio": (0, True, 1), "train.threads": (1, True, None),
+    "train.checkpoint_every": (0, True, None),
+    "eval.probe_epochs": (1, True, None), "eval.probe_lr": (0, False, None),
+    "eval.probe_batch_size": (1, True, None), "eval.fast_probe_iters": (1, True, None),
+    "eval.fast_probe_l2": (0, True, None), "eval.knn_k": (1, True, None),
+    "eval.knn_temperature": (0, False, None), "eval.feature_batch_size": (1, True, None),
+}
+
+
+def check_config(cfg: Config) -> Config:
+    """Every bounded setting in range (sizes and lengths >= 1, rates > 0, fractions in [0, 1]),
+    else a one-line error that names the setting and the fix; returns ``cfg``."""
+    for dotted, (low, low_ok, high) in BOUNDS.items():
+        section, key = dotted.split(".")
+        v = getattr(getattr(cfg, section), key)
+        if v is None:
+            continue
+        if not (v > low or (low_ok and v == low)) or (high is not None and v > high):
+            rng = (f"{'>=' if low_ok else '>'} {low}" if high is None
+                   else f"in [{low}, {high}]")
+            raise ClpoisonError(f"setting {dotted} must be {rng}, got {v}; fix it in the preset "
+                                f"or with --set {dotted}=...")
     return cfg
 
 
@@ -301,10 +337,17 @@ def load_config(preset: str = "mini", algorithm: str | None = None,
                                 f"{', '.join(available_presets())} or pass a YAML file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ClpoisonError(f"preset {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise ClpoisonError(f"preset {path} must be a mapping of sections (data:, train:, ...), "
+                            f"not a {type(raw).__name__}")
     cfg = Config(preset=path.stem)
     per_algorithm = raw.pop("per_algorithm", {}) or {}
+    if not isinstance(per_algorithm, dict) or not all(
+            isinstance(v, dict) or v is None for v in per_algorithm.values()):
+        raise ClpoisonError(f"preset {path}: per_algorithm must map each algorithm to a mapping "
+                            f"of settings")
     _apply_mapping(cfg, raw)
     items = list(overrides.items()) if isinstance(overrides, dict) else [
         parse_override(o) for o in (overrides or [])]
@@ -313,7 +356,7 @@ def load_config(preset: str = "mini", algorithm: str | None = None,
     _apply_mapping(cfg, per_algorithm.get(alg, {}) or {})
     for key, value in items:
         set_value(cfg, key, value)
-    return cfg
+    return check_config(cfg)
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

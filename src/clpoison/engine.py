@@ -103,6 +103,9 @@ def load_data(cfg: Config):
     d = cfg.data
     train = load_dataset(d.dataset, "train", root=d.root, cache_dir=d.cache_dir, download=d.download)
     test = load_dataset(d.dataset, "test", root=d.root, cache_dir=d.cache_dir, download=d.download)
+    if d.train_size is not None and d.train_size > len(train):
+        raise ClpoisonError(f"data.train_size is {d.train_size} but the {d.dataset} training split "
+                            f"has {len(train)} images; lower it (or leave it empty for all)")
     if d.train_size is not None and d.train_size < len(train):
         train = balanced_subset(train, d.train_size, seed=d.subset_seed)
     return train, test
@@ -239,8 +242,14 @@ def truncate_metrics(out_dir: Path, key: str, last: int) -> None:
     path = out_dir / "metrics.jsonl"
     if rank_and_world()[0] != 0 or not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get(key, 0) <= last]
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue        # a line torn by a killed run
+        if isinstance(record, dict) and record.get(key, 0) <= last:
+            keep.append(line)
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in keep))
 

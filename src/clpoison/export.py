@@ -17,16 +17,18 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle  # writing the official CIFAR layout only; never used to read here
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from clpoison.errors import ClpoisonError
-from clpoison.utils import atomic_path
+from clpoison.utils import atomic_path, safe_name
 
 FORMATS = ("png", "npz", "cifar")
 
@@ -35,22 +37,35 @@ def _hwc(ds) -> np.ndarray:
     return ds.images.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path):
+    """A temporary folder (unique name) that an error removes: no partial output is left."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_png_folder(datasets: dict, root: Path) -> Path:
     """``root/<split>/<class>/<sample index>.png``; written to a temp folder, then renamed."""
     from PIL import Image
 
     final = root / "png"
-    tmp = root / ".png.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, ds in datasets.items():
-        arr = _hwc(ds)
-        for c, name in enumerate(ds.class_names):
-            (tmp / split / name).mkdir(parents=True, exist_ok=True)
-        for i in range(len(ds)):
-            name = ds.class_names[int(ds.labels[i])]
-            Image.fromarray(arr[i]).save(tmp / split / name / f"{int(ds.indices[i]):05d}.png")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    for ds in datasets.values():
+        for name in ds.class_names:   # class names come from data: each must be one folder name
+            safe_name(name, f"class name of {ds.name}")
+    tmp = Path(tempfile.mkdtemp(prefix=".png.", suffix=".partial", dir=root))
+    with _removed_on_error(tmp):
+        for split, ds in datasets.items():
+            arr = _hwc(ds)
+            for name in ds.class_names:
+                (tmp / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(len(ds)):
+                name = ds.class_names[int(ds.labels[i])]
+                Image.fromarray(arr[i]).save(tmp / split / name / f"{int(ds.indices[i]):05d}.png")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     return final
 
 
@@ -85,17 +100,16 @@ def write_cifar_python(train, test, root: Path) -> Path:
         raise ClpoisonError(f"the CIFAR python layout is for cifar10 data, not {train.name}; "
                             f"export as png or npz instead")
     folder = root / "cifar-10-batches-py"
-    tmp = root / ".cifar.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for b, rows in enumerate(np.array_split(np.arange(len(train)), 5), start=1):
-        (tmp / f"data_batch_{b}").write_bytes(_cifar_batch(train, rows, f"training batch {b} of 5"))
-    (tmp / "test_batch").write_bytes(_cifar_batch(test, np.arange(len(test)), "testing batch 1 of 1"))
-    meta = {b"num_cases_per_batch": int(np.ceil(len(train) / 5)),
-            b"label_names": [n.encode() for n in train.class_names], b"num_vis": 3072}
-    (tmp / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    tmp = Path(tempfile.mkdtemp(prefix=".cifar.", suffix=".partial", dir=root))
+    with _removed_on_error(tmp):
+        for b, rows in enumerate(np.array_split(np.arange(len(train)), 5), start=1):
+            (tmp / f"data_batch_{b}").write_bytes(_cifar_batch(train, rows, f"training batch {b} of 5"))
+        (tmp / "test_batch").write_bytes(_cifar_batch(test, np.arange(len(test)), "testing batch 1 of 1"))
+        meta = {b"num_cases_per_batch": int(np.ceil(len(train) / 5)),
+                b"label_names": [n.encode() for n in train.class_names], b"num_vis": 3072}
+        (tmp / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
     with atomic_path(root / "cifar-10-python.tar.gz") as tgz:
         with tarfile.open(tgz, "w:gz") as tar:
             tar.add(folder, arcname="cifar-10-batches-py")
@@ -108,6 +122,12 @@ def export_dataset(train, test, out: str | Path, formats=FORMATS) -> dict[str, s
     bad = set(formats) - set(FORMATS)
     if bad:
         raise ClpoisonError(f"unknown export format(s) {sorted(bad)}; choose from {', '.join(FORMATS)}")
+    if out.exists() and not out.is_dir():
+        raise ClpoisonError(f"export --out {out} is a file; give a folder (new or existing)")
+    if "png" in formats:
+        for ds in (train, test):   # class names come from data: each must be one folder name
+            for name in ds.class_names:
+                safe_name(name, f"class name of {ds.name}")
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     splits = {"train": train, "test": test}

@@ -45,7 +45,7 @@ from clpoison.engine import load_data, resume_key
 from clpoison.errors import ClpoisonError
 from clpoison.ssl import check_algorithm
 from clpoison.train import train_victim, victim_accuracy
-from clpoison.utils import atomic_path, versions, write_json_atomic
+from clpoison.utils import safe_name, atomic_path, versions, write_json_atomic
 
 VICTIMS = ("supervised", "simclr", "mocov2", "byol")
 
@@ -84,7 +84,7 @@ def parse_row(spec: str) -> Row:
         name, path = spec.split("=", 1)
         if not name or not path:
             raise ClpoisonError(f"external poison rows are NAME=PATH, got {spec!r}")
-        return Row(name, path=Path(path))
+        return Row(safe_name(name, "matrix row name"), path=Path(path))
     name, _, alg = spec.partition("@")
     if name == "clean":
         return Row("clean")

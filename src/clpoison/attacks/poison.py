@@ -90,18 +90,21 @@ class Poison:
         """Row of the perturbation for each sample (by label, or by stable sample index)."""
         if self.kind == "class":
             return labels.long()
-        lookup = self._index_lookup(indices.device)
-        rows = lookup[indices.long()]
+        rows = self._row_of_indices(indices.long())
         if (rows < 0).any():
             raise ClpoisonError("some samples have no row in this sample-wise poison; it was made "
                                 "for another subset (use the same data.train_size and subset_seed)")
         return rows
 
-    def _index_lookup(self, device) -> torch.Tensor:
-        idx = self.sample_indices.to(device)
-        lookup = torch.full((int(idx.max()) + 1,), -1, dtype=torch.long, device=device)
-        lookup[idx] = torch.arange(idx.shape[0], device=device)
-        return lookup
+    def _row_of_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Row of each sample index, -1 where the poison has none: a sorted search, so memory
+        follows the number of rows, never the largest index a file names."""
+        idx = self.sample_indices.to(indices.device)
+        if idx.numel() == 0:
+            return torch.full_like(indices, -1)
+        sorted_idx, order = idx.sort()
+        pos = torch.searchsorted(sorted_idx, indices).clamp_(max=idx.numel() - 1)
+        return torch.where(sorted_idx[pos] == indices, order[pos], torch.full_like(indices, -1))
 
     def poison_dataset(self, dataset):
         """The released poisoned set: uint8 images, x' = x + round(255 p), within epsilon.
@@ -200,7 +203,7 @@ def load_poison(path: str | Path, dataset=None) -> Poison:
     if p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ClpoisonError(f"{path}: perturbation has dtype {p.dtype}, expected a float type")
     p = p.float()
-    declared = json.loads(header.get("shape", "[]"))
+    declared = _meta_value(header.get("shape", "[]"))
     if list(p.shape) != declared:
         raise ClpoisonError(f"{path}: perturbation shape {list(p.shape)} differs from its metadata "
                             f"{declared}; the file was altered")
@@ -216,10 +219,22 @@ def load_poison(path: str | Path, dataset=None) -> Poison:
     if worst > epsilon * (1 + 1e-5) + 1e-7:
         raise ClpoisonError(f"{path}: perturbation reaches {worst * 255:.3f}/255, beyond its "
                             f"epsilon {epsilon * 255:.3f}/255; the file violates its budget")
+    _check_indices(idx, p.shape[0], path)
     poison = Poison(p, kind, epsilon, idx, _header_meta(header))
     if dataset is not None:
         check_dataset(poison, dataset, path=path)
     return poison
+
+
+def _check_indices(idx: torch.Tensor | None, rows: int, path: Path) -> None:
+    """A sample-wise poison's indices: integers, one per row, distinct and non-negative."""
+    if idx is None:
+        return
+    if idx.dtype not in (torch.int64, torch.int32) or idx.shape != (rows,):
+        raise ClpoisonError(f"{path}: sample_indices must be {rows} integers (one per row), got "
+                            f"{idx.dtype} {tuple(idx.shape)}; the file was altered")
+    if idx.numel() and (int(idx.min()) < 0 or idx.unique().numel() != rows):
+        raise ClpoisonError(f"{path}: sample_indices must be distinct and >= 0; the file was altered")
 
 
 def poisoned_dataset(path: str | Path, clean_train):

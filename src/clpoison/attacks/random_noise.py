@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ def generate_random(cfg, out_dir, *, attack: str = "random", train_set=None, res
     if train_set is None:
         train_set, _ = load_data(cfg)
     poison = random_noise(train_set, a.epsilon, a.kind, seed=cfg.train.seed + 12345)
+    poison.meta["config"] = json.dumps(cfg.to_dict(), default=str)   # export/show read the data from it
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     poison.save(out_dir / POISON_FILE)
