@@ -177,6 +177,8 @@ def _build_npz(path: Path, name: str, split: str) -> ImageDataset:
             raise ClpoisonError(f"cannot read {path}: truncated or corrupt ({type(e).__name__}: {e}); "
                                 "re-create it") from None
     chw = _to_chw(x, f"{path}:x_{split}")
+    if chw.shape[0] == 0:
+        raise ClpoisonError(f"{path}: x_{split} holds no images; a split needs at least one")
     if y.ndim != 1 or y.shape[0] != chw.shape[0] or not np.issubdtype(y.dtype, np.integer):
         raise ClpoisonError(f"{path}: y_{split} must be {chw.shape[0]} integer labels (one per image), got "
                             f"{y.dtype} {y.shape}")
