@@ -159,14 +159,11 @@ def test_offline_test_split(offline, npz_ref):
 
 
 @needs_shared
-def test_offline_cached_reload_is_fast_and_identical(offline, cifar_cache):
+def test_offline_cached_reload_is_identical(offline, cifar_cache):
+    # (how fast the cache is lives in bench/, not in a timed test)
     ds = offline["train"]
-    t0 = time.perf_counter()
+    assert any(cifar_cache.rglob("*.safetensors")), "the first load wrote no cache"
     again = load_dataset("cifar10", "train", root=SHARED, cache_dir=cifar_cache)
-    seconds = time.perf_counter() - t0
-    print(f"\noffline CIFAR-10 train cached load: {seconds:.2f}s")
-    assert seconds < 1.5, f"cached load took {seconds:.2f}s"
-    assert seconds < offline["train_seconds"]
     assert again.fingerprint() == ds.fingerprint()
     assert torch.equal(again.images, ds.images) and torch.equal(again.labels, ds.labels)
     assert again.class_names == ds.class_names and again.source == ds.source
