@@ -106,9 +106,10 @@ def test_train_size_above_the_split_is_refused(tmp_path, npz_root, capsys):
     assert not out.exists()
 
 
-def test_a_second_writer_of_an_output_is_refused(tmp_path, npz_root, capsys):
-    out = tmp_path / "v"
-    with output_lock(out):
+@pytest.mark.parametrize("name", ["v", "lr0.5"])     # a dot in a folder's name: still a folder
+def test_a_second_writer_of_an_output_is_refused(tmp_path, npz_root, capsys, name):
+    out = tmp_path / name
+    with output_lock(out, is_file=False):
         assert (out / ".clpoison.lock").read_text().strip() == str(os.getpid())
         assert main(["train", *cli_settings(npz_root), "--out", str(out)]) == 2
         one_line_error(capsys, "being written by another clpoison process", str(os.getpid()))

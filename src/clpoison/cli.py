@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 from pathlib import Path
 
@@ -362,12 +362,15 @@ def _run(args) -> int:
     try:
         if getattr(args, "out", None) is None:
             return args.func(args)
-        with output_lock(Path(args.out)):
+        with output_lock(Path(args.out), is_file=args.func in (cmd_attack, cmd_show, cmd_eval)):
             return args.func(args)
     except BaseException:
-        for folder in created:
-            if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
-                shutil.rmtree(folder, ignore_errors=True)
+        for folder in created:      # empty folders only, deepest first: never a file
+            for sub, _, _ in os.walk(folder, topdown=False):
+                try:
+                    os.rmdir(sub)
+                except OSError:
+                    pass
         raise
 
 

@@ -51,14 +51,16 @@ LOCK_NAME = ".clpoison.lock"
 
 
 @contextlib.contextmanager
-def output_lock(out: str | os.PathLike) -> Iterator[None]:
+def output_lock(out: str | os.PathLike, is_file: bool | None = None) -> Iterator[None]:
     """One writer per output: an exclusive lock (``filelock``) held while the block runs, on
     ``out/.clpoison.lock`` for a folder (created when missing) or ``.NAME.lock`` beside a file.
+    ``is_file`` says which ``out`` is (the caller knows; None: a name with a suffix is a file).
     The lock file holds the writer's pid and is removed on exit; a second writer gets a
     one-line error at once instead of interleaving with the first."""
     out = Path(out)
-    is_dir = out.is_dir() or not out.suffix
-    lock_path = out / LOCK_NAME if is_dir else out.parent / f".{out.name}.lock"
+    if is_file is None:
+        is_file = not out.is_dir() and bool(out.suffix)
+    lock_path = out.parent / f".{out.name}.lock" if is_file else out / LOCK_NAME
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(lock_path), timeout=0)
     try:
