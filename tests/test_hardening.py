@@ -143,7 +143,7 @@ def test_export_and_show_outputs_of_the_wrong_kind(tmp_path, npz_root, capsys):
     a_file = tmp_path / "taken.txt"
     a_file.write_text("keep me")
     assert main(["export", "--poison", str(poison), "--out", str(a_file)]) == 2
-    one_line_error(capsys, "is a file")
+    one_line_error(capsys, "is a file")              # export writes a folder
     assert a_file.read_text() == "keep me"
     folder = tmp_path / "folder"
     folder.mkdir()

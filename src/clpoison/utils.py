@@ -60,6 +60,9 @@ def output_lock(out: str | os.PathLike, is_file: bool | None = None) -> Iterator
     out = Path(out)
     if is_file is None:
         is_file = not out.is_dir() and bool(out.suffix)
+    if out.exists() and out.is_dir() == is_file:
+        raise ClpoisonError(f"--out {out} is a {'folder' if is_file else 'file'}; give a "
+                            f"{'file name' if is_file else 'folder'} (new or existing)")
     lock_path = out.parent / f".{out.name}.lock" if is_file else out / LOCK_NAME
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(lock_path), timeout=0)
