@@ -193,8 +193,6 @@ def cmd_export(args) -> int:
 def cmd_show(args) -> int:
     from clpoison.visualize import render_poison
 
-    if Path(args.out).is_dir():
-        raise ClpoisonError(f"show --out {args.out} is a folder; give a PNG file name, e.g. poison.png")
     poison, clean_train, _ = _poisoned_data(args)
     print(render_poison(poison, clean_train, args.out, per_class=args.per_class))
     return 0

@@ -47,14 +47,19 @@ def _removed_on_error(tmp: Path):
         raise
 
 
+def _check_folder_names(datasets) -> None:
+    """Class names come from data and become folders: each must be one plain folder name."""
+    for ds in datasets:
+        for name in ds.class_names:
+            safe_name(name, f"class name of {ds.name}")
+
+
 def write_png_folder(datasets: dict, root: Path) -> Path:
     """``root/<split>/<class>/<sample index>.png``; written to a temp folder, then renamed."""
     from PIL import Image
 
     final = root / "png"
-    for ds in datasets.values():
-        for name in ds.class_names:   # class names come from data: each must be one folder name
-            safe_name(name, f"class name of {ds.name}")
+    _check_folder_names(datasets.values())
     tmp = Path(tempfile.mkdtemp(prefix=".png.", suffix=".partial", dir=root))
     with _removed_on_error(tmp):
         for split, ds in datasets.items():
@@ -125,9 +130,7 @@ def export_dataset(train, test, out: str | Path, formats=FORMATS) -> dict[str, s
     if out.exists() and not out.is_dir():
         raise ClpoisonError(f"export --out {out} is a file; give a folder (new or existing)")
     if "png" in formats:
-        for ds in (train, test):   # class names come from data: each must be one folder name
-            for name in ds.class_names:
-                safe_name(name, f"class name of {ds.name}")
+        _check_folder_names((train, test))    # before the output folder appears
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     splits = {"train": train, "test": test}

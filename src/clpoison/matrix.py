@@ -45,7 +45,7 @@ from clpoison.engine import load_data, resume_key
 from clpoison.errors import ClpoisonError
 from clpoison.ssl import check_algorithm
 from clpoison.train import train_victim, victim_accuracy
-from clpoison.utils import safe_name, atomic_path, versions, write_json_atomic
+from clpoison.utils import atomic_path, safe_name, versions, write_json_atomic
 
 VICTIMS = ("supervised", "simclr", "mocov2", "byol")
 
