@@ -410,6 +410,26 @@ class _ColourAffine(torch.autograd.Function):
         return torch.bmm(mats.transpose(1, 2).contiguous(), grad.contiguous()), None, None
 
 
+def per_sample_rand(shape, generator: torch.Generator | None, device, shard=None,
+                    normal: bool = False) -> torch.Tensor:
+    """Per-image random numbers of ``shape`` (n, ...) on ``device``, uniform (or standard normal).
+
+    ``shard=(start, total)``: these n images are rows ``start:start+n`` of a global batch of
+    ``total`` split over processes; the numbers of the whole global batch are drawn and this
+    shard's kept, so every image gets the same numbers whatever the number of processes (the
+    generator is the same on every rank)."""
+    n = shape[0]
+    start, total = shard if shard is not None else (0, n)
+    gdev = generator.device if generator is not None else device
+    draw = torch.randn if normal else torch.rand
+    out = draw((total, *shape[1:]), generator=generator, device=gdev)
+    return out[start:start + n].to(device)
+
+
+def _shard_params(params: dict, start: int, n: int) -> dict:
+    return {k: v if k == "image_size" else v[start:start + n] for k, v in params.items()}
+
+
 def _draw_device(n, height, width, generator, device) -> torch.device:
     """Check the arguments of ``sample_params``; the device its parameters are drawn on."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -550,11 +570,18 @@ class ContrastiveAugment(nn.Module):
         y = self._gray_normalize(y, params)
         return y.to(out_dtype)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                shard: tuple[int, int] | None = None) -> torch.Tensor:
+        """New parameters from ``generator``, applied to ``x``. ``shard=(start, total)``: ``x``
+        is rows start:start+n of a global batch of ``total`` images split over processes; the
+        parameters of the whole global batch are drawn and this shard's applied (see
+        :func:`per_sample_rand`)."""
         _check_images(x)
-        p = self.sample_params(x.shape[0], generator=generator, device=x.device,
+        n = x.shape[0]
+        start, total = shard if shard is not None else (0, n)
+        p = self.sample_params(total, generator=generator, device=x.device,
                                height=x.shape[-2], width=x.shape[-1])
-        return self.apply(x, p)
+        return self.apply(x, p if shard is None else _shard_params(p, start, n))
 
     def _crop_flip(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         n, c, hh, ww = x.shape
@@ -661,14 +688,19 @@ class CropFlipAugment(nn.Module):
     def extra_repr(self) -> str:
         return f"padding={self.padding}, flip_p={self.flip_p}"
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                shard: tuple[int, int] | None = None) -> torch.Tensor:
+        """``shard=(start, total)``: ``x`` is part of a global batch split over processes (see
+        :func:`per_sample_rand`)."""
         _check_images(x)
         n, c, h, w = x.shape
         pad, dev = self.padding, x.device
+        start, total = shard if shard is not None else (0, n)
         gdev = generator.device if generator is not None else dev
-        oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(dev)
-        ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(dev)
-        flip = (torch.rand(n, generator=generator, device=gdev) < self.flip_p).to(dev)
+        oy = torch.randint(0, 2 * pad + 1, (total,), generator=generator, device=gdev)
+        ox = torch.randint(0, 2 * pad + 1, (total,), generator=generator, device=gdev)
+        flip = torch.rand(total, generator=generator, device=gdev) < self.flip_p
+        oy, ox, flip = (v[start:start + n].to(dev) for v in (oy, ox, flip))
         xp = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
         rows = oy[:, None] + torch.arange(h, device=dev)                      # (N, H)
         cols = torch.arange(w, device=dev).expand(n, w)

@@ -128,6 +128,7 @@ class TrainConfig:
     amp: str = "none"                 # none | bf16 (CUDA or CPU) | fp16 (CUDA only)
     compile: bool = False             # torch.compile (CUDA only in practice)
     checkpoint_every: int = 10        # epochs; 0 = only at the end
+    sync_bn: bool = True              # under torchrun: BatchNorm over the global batch (victims)
 
 
 @dataclass

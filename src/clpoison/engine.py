@@ -23,6 +23,8 @@ from clpoison.augment import ContrastiveAugment
 from clpoison.config import Config
 from clpoison.data import balanced_subset, load_dataset, normalization_stats
 from clpoison.defenses import adversarial_settings, defend_dataset
+from clpoison.distributed import (barrier, check_divisible, convert_sync_batchnorm,
+                                  init_from_env, shard_rows, wrap_ddp)
 from clpoison.errors import ClpoisonError
 from clpoison.models import build_encoder
 from clpoison.ssl import build_method as _build
@@ -44,7 +46,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup_runtime(cfg: Config) -> torch.device:
-    device = resolve_device(cfg.train.device)
+    """Threads, denormals and backend flags; under torchrun also the process group (this rank's
+    device is ``cuda:LOCAL_RANK``). Returns the device to run on."""
+    device = init_from_env(resolve_device(cfg.train.device))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     # Denormal floats appear in the backward of narrow nets after a few SGD steps and make CPU
@@ -155,8 +159,9 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float,
 class EpochSampler:
     """Seeded, resumable batch order: epoch ``e`` is always the same permutation.
 
-    With several ranks each takes an interleaved shard of every global batch, so the global
-    batch (and the result) does not depend on the number of ranks' order of arrival.
+    ``batch_size`` is the global batch. With several ranks each takes a contiguous shard of every
+    global batch (:func:`clpoison.distributed.shard_rows`), so the global batches, and with them
+    the result, do not depend on the number of processes.
     """
 
     n: int
@@ -168,26 +173,47 @@ class EpochSampler:
         if self.batch_size > self.n and self.drop_last:
             raise ClpoisonError(f"batch size {self.batch_size} exceeds the {self.n} training "
                                 f"images; lower train.batch_size or raise data.train_size")
+        if self.drop_last:
+            check_divisible(self.batch_size)
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
-    def batches(self, epoch: int) -> list[torch.Tensor]:
+    def global_batches(self, epoch: int) -> list[torch.Tensor]:
+        """The global batches of ``epoch`` (every rank's rows)."""
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.n, generator=gen)
-        rank, world = rank_and_world()
-        out = []
-        for b in range(len(self)):
-            rows = order[b * self.batch_size:(b + 1) * self.batch_size]
-            out.append(rows[rank::world])
-        return out
+        return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
+
+    def batches(self, epoch: int) -> list[torch.Tensor]:
+        """This rank's shard of each global batch of ``epoch``."""
+        return [shard_rows(rows)[0] for rows in self.global_batches(epoch)]
 
 
 def epoch_generator(device: torch.device, seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    """Augmentation RNG for one epoch: resuming at an epoch boundary replays it exactly."""
-    rank, _ = rank_and_world()
+    """Augmentation RNG for one epoch: resuming at an epoch boundary replays it exactly. The same
+    on every rank: each rank draws the parameters of the whole global batch and keeps its shard's
+    (``batch_shard``), so an image is augmented the same way whatever the number of processes."""
     return torch.Generator(device=device).manual_seed(
-        (seed * 1_000_003 + epoch * 7919 + stream * 104_729 + rank) % (2**63 - 1))
+        (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1))
+
+
+def batch_shard(n: int) -> tuple[int, int] | None:
+    """Where this rank's ``n`` images sit in an evenly split global batch: ``(start, total)``,
+    None in one process (what augmentations take as ``shard``)."""
+    rank, world = rank_and_world()
+    return None if world == 1 else (rank * n, n * world)
+
+
+def train_module(module, device: torch.device, sync_bn: bool):
+    """``module`` ready for data-parallel training: BatchNorm synchronised across ranks when
+    ``sync_bn`` and DDP around it (the module itself in one process). Returns (bare, wrapped):
+    train through ``wrapped``; evaluate, checkpoint and take poison gradients through ``bare``."""
+    if rank_and_world()[1] == 1:
+        return module, module
+    if sync_bn:
+        module = convert_sync_batchnorm(module, device)
+    return module, wrap_ddp(module, device, broadcast_buffers=not sync_bn)
 
 
 class RunLogger:
@@ -211,10 +237,11 @@ class RunLogger:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    if rank_and_world()[0] != 0:
-        return
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Rank 0 writes (atomically); every rank waits until it is there."""
+    if rank_and_world()[0] == 0:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    barrier()
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -278,8 +305,9 @@ def contrastive_loss(method, augment, x: torch.Tensor, generator: torch.Generato
     optimised through exactly the pipeline a victim trains with. ``target_grad``: the input
     gradient also flows through a momentum/target branch (dual-branch poisoning).
     """
-    view1 = augment(x, generator=generator).contiguous(memory_format=memory_format)
-    view2 = augment(x, generator=generator).contiguous(memory_format=memory_format)
+    shard = batch_shard(x.shape[0])      # under torchrun: this rank's part of the global batch
+    view1 = augment(x, generator=generator, shard=shard).contiguous(memory_format=memory_format)
+    view2 = augment(x, generator=generator, shard=shard).contiguous(memory_format=memory_format)
     with (amp if amp is not None else contextlib.nullcontext()):
         return method(view1, view2, target_grad=target_grad)
 

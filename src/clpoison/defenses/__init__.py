@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from clpoison.augment import AugmentConfig, ContrastiveAugment
+from clpoison.augment import AugmentConfig, ContrastiveAugment, per_sample_rand
 from clpoison.config import DefenseConfig
 from clpoison.data import ImageDataset
 from clpoison.defenses.adversarial import adversarial_inputs
@@ -48,7 +48,7 @@ class Defense:
     """One defense: where it acts and which ``cfg.defense`` settings it reads.
 
     ``kind``: ``offline`` (``apply(d, dataset, seed) -> dataset``, once before training),
-    ``online`` (``apply(d, x, generator) -> x``, per batch and view, before the victim's
+    ``online`` (``apply(d, x, generator, shard) -> x``, per batch and view, before the victim's
     augmentation), ``pipeline`` (changes the victim's augmentation itself) or ``loop`` (the
     training loop's adversarial views). ``settings``: the prefix of the ``DefenseConfig`` fields
     it reads (None: none). ``check``: validates those settings (raises ``ClpoisonError``)."""
@@ -120,11 +120,12 @@ def _bit_depth(d, dataset, seed: int):
                                source=f"{dataset.source} + {d.bit_depth}-bit")
 
 
-def _matrix_completion_online(d, x: torch.Tensor, generator) -> torch.Tensor:
+def _matrix_completion_online(d, x: torch.Tensor, generator, shard=None) -> torch.Tensor:
     lo, hi = _p_range(d)
-    gdev = generator.device if generator is not None else x.device
-    p = lo + (hi - lo) * torch.rand(x.shape[0], generator=generator, device=gdev)
-    return complete(x, p.to(x.device), generator=generator, **_mc_kwargs(d))
+    n, _, h, w = x.shape
+    p = lo + (hi - lo) * per_sample_rand((n,), generator, x.device, shard)
+    u = per_sample_rand((n, 1, h, w), generator, x.device, shard)
+    return complete(x, p, mask=(u < p.view(n, 1, 1, 1)).float(), **_mc_kwargs(d))
 
 
 # name -> Defense, in the order of the table above (``DEFENSES`` lists them in this order)
@@ -134,9 +135,9 @@ REGISTRY: dict[str, Defense] = {
     "grayscale": Defense("offline", None, _grayscale),
     "bit-depth": Defense("offline", "bit_depth", _bit_depth),
     "matrix-completion-online": Defense("online", "mc_", _matrix_completion_online, _check_mc),
-    "cutout": Defense("online", "cutout_", lambda d, x, g: cutout(x, d.cutout_size, g)),
-    "noise": Defense("online", "noise_", lambda d, x, g: gaussian_noise(x, d.noise_std, g)),
-    "blur": Defense("online", "blur_", lambda d, x, g: gaussian_blur(x, d.blur_sigma, g)),
+    "cutout": Defense("online", "cutout_", lambda d, x, g, s: cutout(x, d.cutout_size, g, s)),
+    "noise": Defense("online", "noise_", lambda d, x, g, s: gaussian_noise(x, d.noise_std, g, s)),
+    "blur": Defense("online", "blur_", lambda d, x, g, s: gaussian_blur(x, d.blur_sigma)),
     "strong-crop": Defense("pipeline", "strong_crop_"),
     "adversarial": Defense("loop", "adv_", check=_check_adversarial),
 }
@@ -190,10 +191,11 @@ class DefendedAugment(nn.Module):
         self.d = d
         self.names = _of_kind(names, "online")
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                shard: tuple[int, int] | None = None) -> torch.Tensor:
         for name in self.names:
-            x = REGISTRY[name].apply(self.d, x, generator)
-        return self.augment(x, generator=generator)
+            x = REGISTRY[name].apply(self.d, x, generator, shard)
+        return self.augment(x, generator=generator, shard=shard)
 
 
 def defended_augment(d, augment: nn.Module, supervised: bool = False, mean=None, std=None) -> nn.Module:

@@ -13,15 +13,18 @@ from typing import Callable
 
 import torch
 
+from clpoison.augment import per_sample_rand
+
 
 def adversarial_inputs(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                        epsilon: float, steps: int, step_size: float,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None,
+                       shard: tuple[int, int] | None = None) -> torch.Tensor:
     """PGD with a uniform random start: ``steps`` signed *ascent* steps on ``loss_fn`` (which
     must redraw the same augmentations on every call), projected onto |x_adv - x| <= epsilon and
-    [0, 1]. Weight gradients are not accumulated. Returns the detached adversarial batch."""
-    gdev = generator.device if generator is not None else x.device
-    delta = (torch.rand(x.shape, generator=generator, device=gdev).to(x.device) * 2 - 1) * epsilon
+    [0, 1]. Weight gradients are not accumulated. Returns the detached adversarial batch.
+    ``shard``: ``x`` is part of a global batch (see ``augment.per_sample_rand``)."""
+    delta = (per_sample_rand(x.shape, generator, x.device, shard) * 2 - 1) * epsilon
     for _ in range(steps):
         delta.requires_grad_(True)
         loss = loss_fn((x + delta).clamp(0, 1))

@@ -14,18 +14,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def _gen_rand(shape, generator, device):
-    gdev = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gdev).to(device)
+from clpoison.augment import per_sample_rand
 
 
-def cutout(x: torch.Tensor, size: int = 16, generator=None) -> torch.Tensor:
+def cutout(x: torch.Tensor, size: int = 16, generator=None, shard=None) -> torch.Tensor:
     """Cutout (DeVries & Taylor, 2017): a size x size square (clipped at the border) set to zero
-    at a uniformly random centre per image."""
+    at a uniformly random centre per image. ``shard``: see ``augment.per_sample_rand``."""
     n, _, h, w = x.shape
-    cy = (_gen_rand((n,), generator, x.device) * h).long().view(n, 1, 1)
-    cx = (_gen_rand((n,), generator, x.device) * w).long().view(n, 1, 1)
+    cy = (per_sample_rand((n,), generator, x.device, shard) * h).long().view(n, 1, 1)
+    cx = (per_sample_rand((n,), generator, x.device, shard) * w).long().view(n, 1, 1)
     ys = torch.arange(h, device=x.device).view(1, h, 1)
     xs = torch.arange(w, device=x.device).view(1, 1, w)
     half = size // 2
@@ -33,14 +30,14 @@ def cutout(x: torch.Tensor, size: int = 16, generator=None) -> torch.Tensor:
     return x * (~inside).unsqueeze(1).to(x.dtype)
 
 
-def gaussian_noise(x: torch.Tensor, std: float = 0.05, generator=None) -> torch.Tensor:
-    """Additive N(0, std^2) noise per pixel, clipped to [0, 1]."""
-    gdev = generator.device if generator is not None else x.device
-    noise = torch.randn(x.shape, generator=generator, device=gdev).to(x.device)
+def gaussian_noise(x: torch.Tensor, std: float = 0.05, generator=None, shard=None) -> torch.Tensor:
+    """Additive N(0, std^2) noise per pixel, clipped to [0, 1]. ``shard``: see
+    ``augment.per_sample_rand``."""
+    noise = per_sample_rand(x.shape, generator, x.device, shard, normal=True)
     return (x + std * noise).clamp(0, 1)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float = 1.0, generator=None) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: float = 1.0, generator=None, shard=None) -> torch.Tensor:
     """Gaussian blur with standard deviation ``sigma`` (kernel 2*ceil(2 sigma)+1, reflect pad)."""
     radius = max(1, math.ceil(2 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)

@@ -9,21 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from clpoison.distributed import gather_with_grad
 from clpoison.errors import ClpoisonError
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0, keeping the gradient to the local slice.
-
-    A no-op outside ``torch.distributed``. Inside, it uses the autograd-aware all_gather so that
-    the negatives from other ranks contribute to the local gradient correctly (the original CP
-    code's GatherLayer returned only the local gradient slice, giving 1/N of the true gradient).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:

@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from clpoison.config import Config
 from clpoison.defenses import adversarial_inputs
-from clpoison.engine import (EpochSampler, RunLogger, check_signature, end_of_epoch,
+from clpoison.distributed import all_reduce_, barrier
+from clpoison.engine import (EpochSampler, RunLogger, batch_shard, check_signature, end_of_epoch,
                              epoch_generator, load_checkpoint, load_resume_state, lr_at,
                              model_signature, refuse_existing_run, resume_key, save_checkpoint,
-                             setup_runtime, truncate_metrics, victim_inputs)
+                             setup_runtime, train_module, truncate_metrics, victim_inputs)
 from clpoison.utils import versions, write_json_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -35,10 +36,14 @@ RUN_FILES = (CHECKPOINT, "summary.json", "metrics.jsonl")
 
 
 class VictimLoop:
-    """What the victims share. A subclass sets ``self.model`` and ``self.optimizer`` in its
-    ``__init__`` (after this one), then calls :meth:`schedule`; it defines ``train_step(rows,
-    generator, step) -> loss`` (one SGD step) and may add checkpoint entries
-    (``checkpoint_extras``)."""
+    """What the victims share. A subclass sets ``self.model``, calls :meth:`distribute`, sets
+    ``self.optimizer`` in its ``__init__`` (after this one), then calls :meth:`schedule`; it
+    defines ``train_step(rows, generator, step) -> loss`` (one SGD step) and may add checkpoint
+    entries (``checkpoint_extras``).
+
+    Under torchrun each rank trains on its shard of every global batch: ``self.net`` (DDP around
+    ``self.model``, BatchNorm synchronised per ``train.sync_bn``) is what the training step
+    calls; ``self.model``, the bare module, is what is evaluated and checkpointed."""
 
     weights_key = "model"       # the model's entry in checkpoint.pt
     need_probe = True           # load the clean probe set when none is given
@@ -59,6 +64,11 @@ class VictimLoop:
         self.log = RunLogger(self.out_dir, quiet=not progress)
         self.start_epoch, self.loss_value = 0, float("nan")
         self.scaler = None          # a GradScaler for fp16 steps, where a victim uses one
+
+    def distribute(self) -> None:
+        """``self.net``: the module the SGD step runs (DDP and synchronised BN under torchrun,
+        ``self.model`` itself in one process). Call before building the optimiser."""
+        self.model, self.net = train_module(self.model, self.device, self.cfg.train.sync_bn)
 
     def log_start(self, name: str) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -131,7 +141,7 @@ class VictimLoop:
             loss = self.train_step(rows.to(self.device), generator, step)
             loss_sum += loss.detach().float()
             step += 1
-        return (loss_sum / self.steps_per_epoch).item(), lr
+        return (all_reduce_(loss_sum, mean=True) / self.steps_per_epoch).item(), lr
 
     def adversarial_views(self, loss_of, x: torch.Tensor, generator: torch.Generator,
                           step: int) -> torch.Tensor:
@@ -148,7 +158,7 @@ class VictimLoop:
             return loss_of(xp)
 
         x = adversarial_inputs(own_loss, x, *self.adversarial, generator=epoch_generator(
-            self.device, self.cfg.train.seed, step, stream=5))
+            self.device, self.cfg.train.seed, step, stream=5), shard=batch_shard(x.shape[0]))
         generator.set_state(state)
         return x
 
@@ -180,4 +190,5 @@ class VictimLoop:
         summary["versions"] = versions()
         if self.log.rank == 0:
             write_json_atomic(self.out_dir / "summary.json", summary)
+        barrier()
         return summary

@@ -73,6 +73,7 @@ class ContrastiveVictim(VictimLoop):
         self.model = build_method(cfg).to(self.device)
         self.memory_format = channels_format(cfg, self.device)
         self.model = self.model.to(memory_format=self.memory_format)
+        self.distribute()
         if t.compile:
             self.model.encoder.compile()
         self.augment = defended_augment(cfg.defense, build_augment(cfg, self.mean, self.std)
@@ -95,15 +96,16 @@ class ContrastiveVictim(VictimLoop):
     def checkpoint_extras(self) -> dict:
         return {"random_init": json.dumps(self.floor) if self.floor else ""}
 
-    def loss(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return contrastive_loss(self.model, self.augment, x, generator, self.memory_format,
-                                autocast(self.cfg, self.device))
+    def loss(self, x: torch.Tensor, generator: torch.Generator, net=None) -> torch.Tensor:
+        return contrastive_loss(net if net is not None else self.net, self.augment, x, generator,
+                                self.memory_format, autocast(self.cfg, self.device))
 
     def train_step(self, rows: torch.Tensor, generator: torch.Generator,
                    step: int) -> torch.Tensor:
         """One SGD step on the training images ``rows``; returns the loss (before the step)."""
         x = self.images[rows].float().div_(255)
-        x = self.adversarial_views(lambda xp: self.loss(xp, generator), x, generator, step)
+        x = self.adversarial_views(lambda xp: self.loss(xp, generator, self.model), x, generator,
+                                   step)
         loss = self.loss(x, generator)
         self.sgd_step(loss)
         self.model.on_step_end()

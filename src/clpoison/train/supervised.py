@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from clpoison.augment import CropFlipAugment
 from clpoison.config import Config
 from clpoison.defenses import defended_augment
-from clpoison.engine import autocast, build_optimizer, check_signature, load_checkpoint
+from clpoison.engine import (autocast, batch_shard, build_optimizer, check_signature,
+                             load_checkpoint)
 from clpoison.engine import memory_format as channels_format
 from clpoison.models import Classifier, build_encoder
 from clpoison.models.fuse import fuse_conv_bn
@@ -65,9 +66,13 @@ def accuracy(model, dataset, mean, std, device, batch_size: int = 1024) -> float
     return round(100.0 * (pred == dataset.labels.cpu()).float().mean().item(), 2)
 
 
-def supervised_step(model, augment, x, y, generator, memory_format, amp=None) -> torch.Tensor:
-    """The one forward path of supervised training: augment, classify, cross-entropy."""
-    views = augment(x, generator=generator).contiguous(memory_format=memory_format)
+def supervised_step(model, augment, x, y, generator, memory_format, amp=None,
+                    shard: tuple[int, int] | None | str = "even") -> torch.Tensor:
+    """The one forward path of supervised training: augment, classify, cross-entropy.
+    ``shard``: where ``x`` sits in the global batch under torchrun (``"even"``: an evenly split
+    one, see ``engine.batch_shard``)."""
+    shard = batch_shard(x.shape[0]) if shard == "even" else shard
+    views = augment(x, generator=generator, shard=shard).contiguous(memory_format=memory_format)
     with (amp if amp is not None else torch.autocast("cpu", enabled=False)):
         return F.cross_entropy(model(views), y)
 
@@ -108,6 +113,7 @@ class SupervisedVictim(VictimLoop):
         self.model = build_classifier(cfg, self.train_set.num_classes).to(self.device)
         self.memory_format = channels_format(cfg, self.device)
         self.model = self.model.to(memory_format=self.memory_format)
+        self.distribute()
         self.augment = defended_augment(cfg.defense, build_crop_flip(cfg, self.mean, self.std),
                                         supervised=True, mean=self.mean, std=self.std
                                         ).to(self.device)
@@ -117,15 +123,17 @@ class SupervisedVictim(VictimLoop):
     def checkpoint_extras(self) -> dict:
         return {"num_classes": self.train_set.num_classes}
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return supervised_step(self.model, self.augment, x, y, generator, self.memory_format,
-                               autocast(self.cfg, self.device))
+    def loss(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+             net=None) -> torch.Tensor:
+        return supervised_step(net if net is not None else self.net, self.augment, x, y,
+                               generator, self.memory_format, autocast(self.cfg, self.device))
 
     def train_step(self, rows: torch.Tensor, generator: torch.Generator,
                    step: int) -> torch.Tensor:
         """One SGD step on the training images ``rows``; returns the loss (before the step)."""
         x, y = self.images[rows].float().div_(255), self.labels[rows]
-        x = self.adversarial_views(lambda xp: self.loss(xp, y, generator), x, generator, step)
+        x = self.adversarial_views(lambda xp: self.loss(xp, y, generator, self.model), x,
+                                   generator, step)
         loss = self.loss(x, y, generator)
         self.sgd_step(loss)
         return loss

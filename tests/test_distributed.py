@@ -1,0 +1,163 @@
+"""Several processes (gloo, real processes, one thread each): the gather gradient, synchronised
+BatchNorm, and victims and poisons that do not depend on the number of processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clpoison.config import load_config
+from tests.conftest import tiny_overrides
+from tests.dist_workers import run_ranks
+
+WORLD = 2
+
+
+# --- collectives ------------------------------------------------------------------------------
+def _embeddings(seed: int, n: int = 6, d: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+
+
+def _gather_worker(rank, out):
+    from clpoison.ssl.losses import nt_xent_loss
+
+    z1, z2 = (t.requires_grad_(True) for t in _embeddings(rank))
+    loss = nt_xent_loss(F.normalize(z1, dim=1), F.normalize(z2, dim=1), 0.5)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "g1": z1.grad, "g2": z2.grad}, f"{out}/rank{rank}.pt")
+
+
+def test_gather_gradient_matches_one_process(tmp_path):
+    """NT-Xent with negatives gathered from 2 ranks: each rank's input gradient is world x the
+    gradient of the global loss (the mean of the ranks' losses; DDP's averaging divides it back),
+    against the loss of the whole batch in one process."""
+    from clpoison.ssl.losses import nt_xent_loss
+
+    run_ranks(_gather_worker, WORLD, str(tmp_path))
+    parts = [_embeddings(r) for r in range(WORLD)]
+    z1 = torch.cat([p[0] for p in parts]).requires_grad_(True)
+    z2 = torch.cat([p[1] for p in parts]).requires_grad_(True)
+    ref = nt_xent_loss(F.normalize(z1, dim=1), F.normalize(z2, dim=1), 0.5)
+    ref.backward()
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert abs(sum(g["loss"] for g in got) / WORLD - ref.detach()) < 1e-6
+    g1 = torch.cat([g["g1"] for g in got]) / WORLD
+    g2 = torch.cat([g["g2"] for g in got]) / WORLD
+    assert (g1 - z1.grad).abs().max() < 1e-7 * max(1.0, z1.grad.abs().max())
+    assert (g2 - z2.grad).abs().max() < 1e-7 * max(1.0, z2.grad.abs().max())
+    assert z1.grad.abs().max() > 1e-3          # a gradient worth comparing
+
+
+def _bn_input(n=8):
+    return torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(3)) * 2 + 1
+
+
+def _syncbn_worker(rank, out):
+    from clpoison.distributed import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    bn = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu"))
+    with torch.no_grad():
+        bn[0].weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    x = _bn_input()[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+    y = bn(x)
+    (y * torch.arange(y.numel()).view_as(y).float().sin()[rank * 0:]).sum().backward()
+    torch.save({"y": y.detach(), "gx": x.grad, "gw": bn[0].weight.grad,
+                "rm": bn[0].running_mean, "rv": bn[0].running_var}, f"{out}/rank{rank}.pt")
+
+
+def test_sync_batchnorm_matches_batchnorm_of_the_global_batch(tmp_path):
+    run_ranks(_syncbn_worker, WORLD, str(tmp_path))
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    x = _bn_input().requires_grad_(True)
+    y = bn(x)
+    w = torch.cat([torch.arange(y[:4].numel()).view_as(y[:4]).float().sin()] * 2)
+    (y * w).sum().backward()
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert torch.allclose(torch.cat([g["y"] for g in got]), y, atol=1e-5)
+    assert torch.allclose(torch.cat([g["gx"] for g in got]), x.grad, atol=1e-5)
+    assert torch.allclose(sum(g["gw"] for g in got), bn.weight.grad, atol=1e-4)
+    for g in got:
+        assert torch.allclose(g["rm"], bn.running_mean, atol=1e-6)
+        assert torch.allclose(g["rv"], bn.running_var, atol=1e-5)
+
+
+# --- victims ------------------------------------------------------------------------------------
+def _victim_cfg(algorithm: str, **extra):
+    # lr 0.01: at 0.5 a width-4 net is chaotic (1 thread against 2 alone moves weights by 0.4
+    # after 8 steps); at 0.01 by 4e-7, so a difference here is the distribution, not rounding.
+    over = tiny_overrides(**{"train.batch_size": 16, "train.epochs": 3, "train.lr": 0.01,
+                             "eval.random_init_floor": False, **extra})
+    return load_config("mini", None if algorithm == "supervised" else algorithm, over)
+
+
+def _train(algorithm, cfg, out, data, **kw):
+    from clpoison.train import pretrain, train_supervised
+
+    train, test = data
+    fn = train_supervised if algorithm == "supervised" else pretrain
+    return fn(cfg, out, train_set=train, probe_set=train, test_set=test, progress=False,
+              evaluate=False, **kw)
+
+
+def _victim_worker(rank, algorithm, out, data, stop_after):
+    _train(algorithm, _victim_cfg(algorithm), out, data, stop_after=stop_after)
+
+
+def _losses(run) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def _weights(run) -> dict:
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    return state["method"] if "method" in state else state["model"]
+
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _max_weight_diff(a: dict, b: dict) -> float:
+    """Largest difference over the tensors of two state dicts, relative where a tensor's
+    largest value exceeds 1 (BN running variances)."""
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item()
+               / max(1.0, a[k].float().abs().max().item()) for k in a if a[k].numel())
+
+
+@pytest.fixture(scope="module")
+def victim_data(small_cifar):
+    train, test = small_cifar
+    from clpoison.data import balanced_subset
+
+    return balanced_subset(train, 16, seed=0), balanced_subset(test, 20, seed=0)
+
+
+@pytest.mark.parametrize("algorithm", ["simclr", "mocov2", "byol", "supervised"])
+def test_two_processes_train_the_one_process_victim(algorithm, victim_data, tmp_path):
+    """Same seed, same global batch (16 images, 8 per rank; an epoch is one step): the loss of
+    each step and the weights
+    (BN statistics, MoCo's queue and the EMA copies included) of 2 processes equal 1 process's.
+    The reference runs on one thread, as each rank does: on this data MoCo's loss moves by 7e-4
+    in 8 steps between 1 and 2 threads of one process alone."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    with one_thread():
+        _train(algorithm, _victim_cfg(algorithm), one, victim_data)
+    run_ranks(_victim_worker, WORLD, algorithm, str(two), victim_data, None)
+    assert len(_losses(two)) == 3
+    assert max(abs(a - b) for a, b in zip(_losses(one), _losses(two))) < 1e-4
+    assert _max_weight_diff(_weights(one), _weights(two)) < 1e-4
