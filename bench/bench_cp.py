@@ -78,7 +78,7 @@ def run_case(case: str, width: int, batch: int, repeats: int, device: str, algor
             method.on_step_end()
         else:
             poison_step(method, augment, delta, x, prow, 0.1 * eps, eps, gen,
-                        amp=autocast(cfg, dev))
+                        amp=autocast(cfg, dev), kind="class" if case == "noise-c" else "sample")
 
     if case.startswith("noise"):
         from clpoison.models import fuse_conv_bn

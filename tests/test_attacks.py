@@ -55,7 +55,7 @@ def test_poison_step_touches_only_batch_rows(small_cifar, kind):
     x = train.images[rows].float() / 255
     prow = poison.rows(train.labels, train.indices)[rows]
     poison_step(method, augment, delta, x, prow, 0.1 * EPS, EPS, torch.Generator().manual_seed(0),
-                torch.contiguous_format)
+                torch.contiguous_format, kind=kind)
     changed = (delta != before).flatten(1).any(1).nonzero().flatten()
     assert set(changed.tolist()) == set(prow.unique().tolist())
     assert delta.abs().max() <= EPS + 1e-9
@@ -83,7 +83,7 @@ def test_descent_lowers_contrastive_loss(small_cifar):
     start = loss_with_fixed_views()
     for _ in range(10):
         poison_step(method, augment, delta, x, prow, 0.2 * EPS, EPS,
-                    torch.Generator().manual_seed(123), torch.contiguous_format)
+                    torch.Generator().manual_seed(123), torch.contiguous_format, kind="sample")
     assert loss_with_fixed_views() < start - 0.05
     assert delta[prow].abs().max() <= EPS + 1e-9
 
@@ -106,7 +106,7 @@ def test_dual_branch_changes_poison_gradient(small_cifar, alg):
     for dual in (False, True):
         delta = poison.perturbation.clone()
         poison_step(method, augment, delta, x, prow, 1.0, 1.0, torch.Generator().manual_seed(5),
-                    torch.contiguous_format, target_grad=dual)  # step 1 with eps 1: delta = -sign(grad)
+                    torch.contiguous_format, target_grad=dual, kind="sample")  # step 1 with eps 1: delta = -sign(grad)
         results.append(delta[:16].clone())
     assert not torch.equal(results[0], results[1])
 

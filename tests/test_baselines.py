@@ -120,8 +120,8 @@ def test_error_minimising_noise_lowers_and_adversarial_raises_surrogate_loss(tmp
     prow = poison.rows(train.labels, train.indices)
     start = ce(delta, prow[rows])
     before, after = ue_noise_pass(model, delta, train.images, train.labels, prow, [rows],
-                                  lambda xp, g: norm(xp), 0.1 * EPS, EPS, 5, None,
-                                  torch.contiguous_format)
+                                  lambda xp, g, shard: norm(xp), 0.1 * EPS, EPS, 5, None,
+                                  torch.contiguous_format, "sample")
     assert after < before == pytest.approx(start, rel=1e-4)
     assert ce(delta, prow[rows]) < start - 0.05
 

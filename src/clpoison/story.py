@@ -84,7 +84,7 @@ def time_steps(cfg, images, repeats: int = 3, poison: bool = True) -> tuple[floa
     rows = torch.arange(len(x), device=device)
     return train_seconds, timed(lambda: poison_step(
         frozen, augment, delta, x, rows, a.step_size * a.epsilon, a.epsilon, gen, fmt,
-        autocast(cfg, device), target_grad=a.dual_branch))
+        autocast(cfg, device), target_grad=a.dual_branch, kind="sample"))
 
 
 def stage_steps(cfg, n_train: int, n_test: int, *, attack: str | None = None,

@@ -31,12 +31,13 @@ from clpoison.attacks.ue import CHECKPOINT, GENERATION_FILES, frozen_copy
 from clpoison.augment import Normalize
 from clpoison.config import Config, config_from_dict
 from clpoison.data import normalization_stats
+from clpoison.distributed import all_reduce_, barrier, shard_rows
 from clpoison.engine import (EpochSampler, RunLogger, default_data, epoch_generator,
                              load_resume_state, refuse_existing_run, resume_key, save_checkpoint,
                              setup_runtime, truncate_metrics)
 from clpoison.engine import memory_format as channels_format
 from clpoison.train.supervised import build_crop_flip, load_classifier, train_supervised
-from clpoison.utils import versions, write_json_atomic
+from clpoison.utils import rank_and_world, versions, write_json_atomic
 
 
 def ap_config(cfg: Config) -> APConfig:
@@ -60,13 +61,16 @@ def ap_batch(model, delta, x, y, prow, a: APConfig, num_classes, view, generator
                                labels)
 
     with torch.no_grad():
-        before = loss_fn((x + delta[prow]).clamp(0, 1), y).item()
+        before = loss_fn((x + delta[prow]).clamp(0, 1), y)
     for _ in range(a.pgd_steps):
         signed_step(loss_fn, delta, x, prow, a.step_size * a.epsilon, a.epsilon,
-                    descend=a.targeted)
+                    descend=a.targeted, kind="sample")
     with torch.no_grad():
-        after = loss_fn((x + delta[prow]).clamp(0, 1), y).item()
-    return before, after
+        after = loss_fn((x + delta[prow]).clamp(0, 1), y)
+    # Under torchrun: the mean over the global batch (shards of any size).
+    sums = all_reduce_(torch.stack([before * len(y), after * len(y),
+                                    torch.tensor(float(len(y)), device=x.device)]).double())
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
 def generate_ap(cfg: Config, out_dir: str | Path, *, attack: str = "ap", train_set=None,
@@ -98,13 +102,15 @@ def generate_ap(cfg: Config, out_dir: str | Path, *, attack: str = "ap", train_s
     poison = ap.poison
     poison.perturbation = ap.delta.cpu()
     poison.meta.update(crafting_test_accuracy=craft_accuracy)
-    poison.save(out_dir / POISON_FILE)
-    write_json_atomic(out_dir / "summary.json", {
-        "attack": attack, "algorithm": "supervised", "train_size": len(train_set),
-        "train_fingerprint": train_set.fingerprint(), "ap": asdict(a),
-        "crafting_test_accuracy": craft_accuracy,
-        "wall_seconds": round(time.time() - t_start, 1), "config": cfg.to_dict(),
-        "versions": versions()})
+    if rank_and_world()[0] == 0:
+        poison.save(out_dir / POISON_FILE)
+        write_json_atomic(out_dir / "summary.json", {
+            "attack": attack, "algorithm": "supervised", "train_size": len(train_set),
+            "train_fingerprint": train_set.fingerprint(), "ap": asdict(a),
+            "crafting_test_accuracy": craft_accuracy,
+            "wall_seconds": round(time.time() - t_start, 1), "config": cfg.to_dict(),
+            "versions": versions()})
+    barrier()
     return poison
 
 
@@ -147,14 +153,14 @@ class APGenerator:
         self.augment = build_crop_flip(cfg, mean, std).to(device)
         self.normalize = Normalize(mean, std).to(device)
         self.batches = EpochSampler(len(train_set), cfg.train.batch_size, seed,
-                                    drop_last=False).batches(0)
+                                    drop_last=False).global_batches(0)
         self.batch = 0
 
-    def view(self, xp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def view(self, xp: torch.Tensor, generator: torch.Generator, shard=None) -> torch.Tensor:
         """What the crafting model sees: a fresh crop + flip per PGD step (``augment``), else
-        the normalised image."""
+        the normalised image. ``shard``: where the batch sits in the global batch."""
         if self.a.augment:
-            return self.augment(xp, generator=generator)
+            return self.augment(xp, generator=generator, shard=shard)
         return self.normalize(xp)
 
     def load(self, state: dict) -> None:
@@ -167,16 +173,18 @@ class APGenerator:
         t_loop = time.time()
         for b in tqdm(range(self.batch, len(self.batches)), desc=self.attack,
                       disable=not progress, dynamic_ncols=True):
-            rows = self.batches[b].to(self.device)
+            rows, shard = shard_rows(self.batches[b].to(self.device))   # this rank's share
             gen = epoch_generator(self.device, self.seed, b, stream=4)
             before, after = ap_batch(self.model, self.delta, self.images[rows].float().div_(255),
                                      self.labels[rows], self.row_of[rows], a, self.num_classes,
-                                     self.view, gen, self.memory_format)
+                                     lambda xp, g: self.view(xp, g, shard), gen,
+                                     self.memory_format)
             self.batch = b + 1
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"batch": b + 1, "true_label_ce_before": round(before, 5),
-                                    "true_label_ce_after": round(after, 5),
-                                    "seconds": round(time.time() - t_loop, 1)}) + "\n")
+            if rank_and_world()[0] == 0:
+                with open(out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"batch": b + 1, "true_label_ce_before": round(before, 5),
+                                        "true_label_ce_after": round(after, 5),
+                                        "seconds": round(time.time() - t_loop, 1)}) + "\n")
             if a.checkpoint_every and (b + 1) % a.checkpoint_every == 0:
                 save_checkpoint(ckpt_path, {"delta": self.delta.cpu(), "batch": b + 1,
                                             "resume_key": resume_key(self.cfg),

@@ -43,11 +43,12 @@ from clpoison.attacks.poison import POISON_FILE, Poison, load_poison
 from clpoison.attacks.settings import CONTRASTIVE_ATTACKS, CPConfig, attack_settings, check_attack
 from clpoison.config import Config
 from clpoison.data import normalization_stats
+from clpoison.distributed import all_reduce_, broadcast_buffers
 from clpoison.engine import (EpochSampler, RunLogger, autocast, build_augment, build_method,
                              build_optimizer, contrastive_loss, epoch_generator, load_checkpoint,
                              load_data, load_resume_state, lr_at, memory_format, model_signature,
                              refuse_existing_run, resume_key, save_checkpoint, setup_runtime,
-                             truncate_metrics)
+                             train_module, truncate_metrics)
 from clpoison.errors import ClpoisonError
 from clpoison.models.fuse import fuse_conv_bn
 from clpoison.utils import seed_everything, versions, write_json_atomic
@@ -65,18 +66,19 @@ def cp_config(cfg: Config, attack: str = "cp-c") -> CPConfig:
 
 def poison_step(method, augment, delta: torch.Tensor, x: torch.Tensor, prow: torch.Tensor,
                 step: float, epsilon: float, generator: torch.Generator,
-                memory_format=torch.channels_last, amp=None, target_grad: bool = False) -> torch.Tensor:
+                memory_format=torch.channels_last, amp=None, target_grad: bool = False, *,
+                kind: str) -> torch.Tensor:
     """One signed-gradient *descent* step on the poison rows ``prow`` of a batch, in place.
 
     ``delta`` (K,C,H,W) pixel units; ``x`` clean batch (B,C,H,W) in [0,1]; ``prow`` (B,) row per
-    image. Only the (U,C,H,W) rows in the batch form the autograd leaf, so the gradient never has
-    the size of the whole poison; weight gradients are not requested. ``target_grad``: the
-    gradient also flows through a momentum/target branch (dual-branch). Returns the loss before
-    the step.
+    image; ``kind``: sample (CP-S) or class (CP-C), see :func:`signed_step`. The gradient never
+    has the size of a sample-wise poison; weight gradients are not requested. ``target_grad``:
+    the gradient also flows through a momentum/target branch (dual-branch). Returns the loss
+    before the step.
     """
     return signed_step(
         lambda xp: contrastive_loss(method, augment, xp, generator, memory_format, amp, target_grad),
-        delta, x, prow, step, epsilon, descend=True)
+        delta, x, prow, step, epsilon, descend=True, kind=kind)
 
 
 def frozen_generator(net, bn_mode: str, memory_format=torch.channels_last, fold: bool = True):
@@ -109,6 +111,8 @@ class CPGenerator:
         self.method = build_method(cfg).to(device)
         self.fmt = memory_format(cfg, device)
         self.method = self.method.to(memory_format=self.fmt)
+        # Under torchrun: DDP for the model steps (BN synchronised only with attack.sync_bn).
+        self.method, self.net = train_module(self.method, device, a.sync_bn)
         self.augment = build_augment(cfg, *normalization_stats(cfg.data.dataset)).to(device)
         self.optimizer = build_optimizer(self.method.online_parameters(), cfg)
         self.sampler = EpochSampler(len(train_set), cfg.train.batch_size, seed)
@@ -135,7 +139,7 @@ class CPGenerator:
         """One contrastive SGD step of the generator on the batch ``x`` (poisoned or clean)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = contrastive_loss(self.method, self.augment, x, gen, self.fmt, self.amp())
+        loss = contrastive_loss(self.net, self.augment, x, gen, self.fmt, self.amp())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -167,7 +171,7 @@ class CPGenerator:
             loss = self.sgd_step(x, lr_fn(self.model_step), gen)
             loss_sum += loss.detach().float()
             self.model_step += 1
-        return (loss_sum / max(1, n_steps)).item()
+        return (all_reduce_(loss_sum, mean=True) / max(1, n_steps)).item()
 
     def warm_start(self) -> float:
         """Clean contrastive training of the generator before the first round (its own warm-up
@@ -182,6 +186,7 @@ class CPGenerator:
         """``noise_steps`` batches x ``pgd_steps`` signed steps on the poison against a frozen
         copy of the generator; mean loss before each step."""
         a = self.a
+        broadcast_buffers(self.method)    # several ranks without synchronised BN: rank 0's statistics
         frozen = frozen_generator(self.method, a.bn_mode, self.fmt, fold=not a.noise_updates_momentum)
         gen = epoch_generator(self.device, self.seed, round_index, stream=2)
         loss_sum = torch.zeros((), device=self.device)
@@ -189,13 +194,14 @@ class CPGenerator:
             x, prow = self.batch(rows)
             for _ in range(a.pgd_steps):
                 loss = poison_step(frozen, self.augment, self.delta, x, prow, a.step_size * a.epsilon,
-                                   a.epsilon, gen, self.fmt, self.amp(), target_grad=a.dual_branch)
+                                   a.epsilon, gen, self.fmt, self.amp(), target_grad=a.dual_branch,
+                                   kind=a.kind)
                 if a.noise_updates_momentum:   # the original's side effect: EMA and queue move
                     frozen.on_step_end()
                 loss_sum += loss.float()
         if a.noise_updates_momentum:
             self.method.copy_momentum_state(frozen)
-        return (loss_sum / max(1, self.noise_steps * a.pgd_steps)).item()
+        return (all_reduce_(loss_sum, mean=True) / max(1, self.noise_steps * a.pgd_steps)).item()
 
     def restart(self, round_index: int) -> None:
         """A fresh generator, as a new victim would start: random init, empty optimiser state."""
@@ -209,12 +215,13 @@ class CPGenerator:
         """Clean-minus-poisoned loss of the generator on a fixed batch with identical views: the
         cheapest early sign of a working poison (a shortcut lowers the poisoned loss)."""
         self.method.eval()
+        broadcast_buffers(self.method)
         x, prow = self.batch(self.sampler.batches(PROBE_EPOCH)[0])
         losses = []
         for xin in (x, (x + self.delta[prow]).clamp(0, 1)):
             gen = epoch_generator(self.device, self.seed, 0, stream=3)   # replayed: identical views
-            losses.append(contrastive_loss(self.method, self.augment, xin, gen, self.fmt,
-                                           self.amp()).item())
+            loss = contrastive_loss(self.method, self.augment, xin, gen, self.fmt, self.amp())
+            losses.append(all_reduce_(loss.detach().float(), mean=True).item())
         clean, poisoned = losses
         return {"clean_loss": round(clean, 5), "poisoned_loss": round(poisoned, 5),
                 "gap": round(clean - poisoned, 5)}
@@ -317,7 +324,7 @@ def generate_cp(cfg: Config, out_dir: str | Path, *, attack: str = "cp-c", train
             "init_generator": str(init_generator) if init_generator else None,
             "final_gap": final_gap, "wall_seconds": round(time.time() - t_start, 1),
             "config": cfg.to_dict(), "versions": versions()})
-    checkpoint(a.rounds)
+    checkpoint(a.rounds)      # every rank waits here until rank 0 has written
     return poison
 
 

@@ -42,6 +42,8 @@ class CPConfig:
     min_lr_ratio: float | None = None   # generator cosine ends at lr * this; None: train.min_lr_ratio
     warm_start_epochs: float = 0.0      # clean contrastive epochs before the first round
     init: str = "uniform"               # uniform | zeros (ignored with an init poison file)
+    sync_bn: bool = False               # under torchrun: the generator's BN over the global batch
+                                        # (off, as the original; on: results independent of N)
     continue_generator: bool = False    # story/matrix: CP-S continues the CP-C generator run
     start_from_cpc: bool = True         # story/matrix: CP-S starts from the CP-C poison (the
                                         # paper); false: from ``init`` (uniform noise)
@@ -93,6 +95,7 @@ class UEConfig:
     max_rounds: int = 100
     augment_noise: bool = False    # augment during poison steps (the original did not)
     init: str = "uniform"
+    sync_bn: bool = False          # under torchrun: the surrogate's BN over the global batch
     log_every: int = 1
     checkpoint_every: int = 5
     seed: int | None = None        # None: train.seed + 2000

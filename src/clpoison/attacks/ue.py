@@ -32,13 +32,14 @@ from clpoison.attacks.settings import UEConfig, attack_settings, check_attack
 from clpoison.augment import Normalize
 from clpoison.config import Config
 from clpoison.data import normalization_stats
+from clpoison.distributed import all_reduce_, shard_rows
 from clpoison.engine import (EpochSampler, RunLogger, build_optimizer, epoch_generator, load_data,
                              load_resume_state, refuse_existing_run, resume_key, save_checkpoint,
-                             setup_runtime, truncate_metrics)
+                             setup_runtime, train_module, truncate_metrics)
 from clpoison.engine import memory_format as channels_format
 from clpoison.models.fuse import fuse_conv_bn
 from clpoison.train.supervised import build_classifier, build_crop_flip, supervised_step
-from clpoison.utils import seed_everything, versions, write_json_atomic
+from clpoison.utils import rank_and_world, seed_everything, versions, write_json_atomic
 
 CHECKPOINT = "generation.pt"
 GENERATION_FILES = (CHECKPOINT, POISON_FILE, "metrics.jsonl")
@@ -58,40 +59,46 @@ def frozen_copy(model, memory_format):
 
 
 def ue_noise_pass(model, delta, images, labels, row_of, batches, normalize_or_augment, step,
-                  epsilon, pgd_steps, generator, memory_format) -> tuple[float, float]:
-    """One pass of error-minimising steps over ``batches``; returns the mean cross-entropy on
-    the poisoned batches before and after the pass (the latter with the updated poison)."""
+                  epsilon, pgd_steps, generator, memory_format, kind: str) -> tuple[float, float]:
+    """One pass of error-minimising steps over the global ``batches`` (under torchrun each rank
+    takes its shard of each); returns the mean cross-entropy on the poisoned batches before and
+    after the pass (the latter with the updated poison). ``normalize_or_augment(x, generator,
+    shard)`` makes the views."""
     frozen = frozen_copy(model, memory_format)
-    before, after, n = 0.0, 0.0, 0
-    for rows in batches:
+    sums = torch.zeros(3, dtype=torch.float64, device=delta.device)    # before, after, images
+    for global_rows in batches:
+        rows, shard = shard_rows(global_rows)
         x, y, prow = images[rows].float().div_(255), labels[rows], row_of[rows]
 
         def loss_fn(xp):
-            return F.cross_entropy(frozen(normalize_or_augment(xp, generator)
+            return F.cross_entropy(frozen(normalize_or_augment(xp, generator, shard)
                                           .contiguous(memory_format=memory_format)), y)
 
         for s in range(pgd_steps):
-            loss = signed_step(loss_fn, delta, x, prow, step, epsilon, descend=True)
+            loss = signed_step(loss_fn, delta, x, prow, step, epsilon, descend=True, kind=kind)
             if s == 0:
-                before += loss.item() * len(rows)
+                sums[0] += loss * len(rows)
         with torch.no_grad():
-            after += loss_fn((x + delta[prow]).clamp(0, 1)).item() * len(rows)
-        n += len(rows)
+            sums[1] += loss_fn((x + delta[prow]).clamp(0, 1)) * len(rows)
+        sums[2] += len(rows)
+    before, after, n = all_reduce_(sums).tolist()
     return before / max(1, n), after / max(1, n)
 
 
 @torch.no_grad()
 def poisoned_error(model, delta, images, labels, row_of, normalize, memory_format,
                    batch_size: int = 1024) -> float:
-    """Error of the surrogate on the poisoned training set (no augmentation, BN in eval mode)."""
+    """Error of the surrogate on the poisoned training set (no augmentation, BN in eval mode);
+    under torchrun each rank counts its share of the images."""
     frozen = frozen_copy(model, memory_format)
-    wrong = 0
-    for start in range(0, images.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
+    mine, _ = shard_rows(torch.arange(images.shape[0], device=images.device))
+    wrong = torch.zeros((), dtype=torch.long, device=images.device)
+    for start in range(0, mine.shape[0], batch_size):
+        sl = mine[start:start + batch_size]
         x = (images[sl].float().div_(255) + delta[row_of[sl]]).clamp(0, 1)
         wrong += (frozen(normalize(x).contiguous(memory_format=memory_format)).argmax(1)
-                  != labels[sl]).sum().item()
-    return wrong / max(1, images.shape[0])
+                  != labels[sl]).sum()
+    return all_reduce_(wrong).item() / max(1, images.shape[0])
 
 
 def generate_ue(cfg: Config, out_dir: str | Path, *, attack: str = "ue-s", train_set=None,
@@ -121,14 +128,15 @@ def generate_ue(cfg: Config, out_dir: str | Path, *, attack: str = "ue-s", train
     poison = ue.poison
     poison.perturbation = ue.delta.cpu()
     poison.meta.update(rounds_done=ue.round, final_train_error=error)
-    poison.save(out_dir / POISON_FILE)
-    write_json_atomic(out_dir / "summary.json", {
-        "attack": attack, "algorithm": "supervised", "train_size": len(train_set),
-        "train_fingerprint": train_set.fingerprint(), "ue": asdict(a), "rounds_done": ue.round,
-        "final_train_error": error, "stopped_early": error < a.stop_error,
-        "wall_seconds": round(time.time() - t_start, 1), "config": cfg.to_dict(),
-        "versions": versions()})
-    save_checkpoint(ckpt_path, ue.state())
+    if rank_and_world()[0] == 0:
+        poison.save(out_dir / POISON_FILE)
+        write_json_atomic(out_dir / "summary.json", {
+            "attack": attack, "algorithm": "supervised", "train_size": len(train_set),
+            "train_fingerprint": train_set.fingerprint(), "ue": asdict(a), "rounds_done": ue.round,
+            "final_train_error": error, "stopped_early": error < a.stop_error,
+            "wall_seconds": round(time.time() - t_start, 1), "config": cfg.to_dict(),
+            "versions": versions()})
+    save_checkpoint(ckpt_path, ue.state())      # every rank waits until rank 0 has written
     return poison
 
 
@@ -153,6 +161,7 @@ class UEGenerator:
         self.model = build_classifier(cfg, train_set.num_classes).to(device)
         self.memory_format = channels_format(cfg, device)
         self.model = self.model.to(memory_format=self.memory_format)
+        self.model, self.net = train_module(self.model, device, a.sync_bn)   # DDP under torchrun
         self.augment = build_crop_flip(cfg, mean, std).to(device)
         self.normalize = Normalize(mean, std).to(device)
         self.optimizer = build_optimizer(self.model.parameters(), cfg)
@@ -204,35 +213,35 @@ class UEGenerator:
         order runs on across rounds); returns their mean loss."""
         a, device = self.a, self.device
         self.model.train()
-        m_loss = 0.0
+        m_loss = torch.zeros((), device=device)
         for _ in range(a.model_steps):
             epoch, b = divmod(self.model_step, len(self.sampler))
             rows = self.sampler.batches(epoch)[b].to(device)
             x = (self.images[rows].float().div_(255) + self.delta[self.row_of[rows]]).clamp_(0, 1)
             gen = epoch_generator(device, self.seed, self.model_step, stream=1)
-            loss = supervised_step(self.model, self.augment, x, self.labels[rows], gen,
+            loss = supervised_step(self.net, self.augment, x, self.labels[rows], gen,
                                    self.memory_format)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            m_loss += loss.item() / a.model_steps
+            m_loss += loss.detach() / a.model_steps
             self.model_step += 1
-        return m_loss
+        return all_reduce_(m_loss, mean=True).item()
 
-    def noise_view(self, xp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def noise_view(self, xp: torch.Tensor, generator: torch.Generator, shard=None) -> torch.Tensor:
         """What the poison steps see: crop + flip views (``augment_noise``), else normalised."""
         if self.a.augment_noise:
-            return self.augment(xp, generator=generator)
+            return self.augment(xp, generator=generator, shard=shard)
         return self.normalize(xp)
 
     def noise_pass(self, r: int) -> tuple[float, float]:
         """Round ``r``'s pass of error-minimising steps over the whole training set."""
         a = self.a
         gen = epoch_generator(self.device, self.seed, r, stream=2)
-        batches = [rows.to(self.device) for rows in self.noise_sampler.batches(r)]
+        batches = [rows.to(self.device) for rows in self.noise_sampler.global_batches(r)]
         return ue_noise_pass(self.model, self.delta, self.images, self.labels, self.row_of,
                              batches, self.noise_view, a.step_size * a.epsilon, a.epsilon,
-                             a.pgd_steps, gen, self.memory_format)
+                             a.pgd_steps, gen, self.memory_format, a.kind)
 
     def train_error(self) -> float:
         return poisoned_error(self.model, self.delta, self.images, self.labels, self.row_of,

@@ -14,11 +14,12 @@ Example::
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 def fuse_conv_bn(module: nn.Module) -> nn.Module:
-    """In place: every Conv2d directly followed by a BatchNorm2d (as ``convK``/``bnK`` siblings
+    """In place: every Conv2d directly followed by a BatchNorm2d (any BatchNorm, synchronised ones included; as ``convK``/``bnK`` siblings
     or adjacent in a Sequential) becomes one Conv2d; the BN becomes Identity. Returns ``module``."""
     if module.training:
         raise ValueError("fuse_conv_bn needs a module in eval mode (BN running statistics)")
@@ -26,13 +27,13 @@ def fuse_conv_bn(module: nn.Module) -> nn.Module:
         children = dict(mod.named_children())
         for k in range(1, 4):
             conv, bn = children.get(f"conv{k}"), children.get(f"bn{k}")
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm):
                 setattr(mod, f"conv{k}", fuse_conv_bn_eval(conv, bn))
                 setattr(mod, f"bn{k}", nn.Identity())
         if isinstance(mod, nn.Sequential):
             items = list(mod.children())
             for i in range(len(items) - 1):
-                if isinstance(items[i], nn.Conv2d) and isinstance(items[i + 1], nn.BatchNorm2d):
+                if isinstance(items[i], nn.Conv2d) and isinstance(items[i + 1], _BatchNorm):
                     mod[i] = fuse_conv_bn_eval(items[i], items[i + 1])
                     mod[i + 1] = nn.Identity()
     return module
