@@ -218,3 +218,49 @@ def _poison_start(attack, train) -> torch.Tensor:
     cfg = _cp_cfg(attack)
     a = cp_config(cfg, attack)
     return starting_poison(cfg, a, train, None, cfg.train.seed + 1000).perturbation
+
+
+# --- resume on another number of processes, and the command line under torchrun --------------
+def test_two_process_checkpoint_resumes_in_one_process(victim_data, tmp_path):
+    """A SimCLR victim stopped after 1 of 3 epochs in 2 processes and resumed in 1 reaches the
+    1-process run (augmentations and batches do not depend on the number of processes)."""
+    one, mixed = tmp_path / "one", tmp_path / "mixed"
+    with one_thread():
+        _train("simclr", _victim_cfg("simclr"), one, victim_data)
+    run_ranks(_victim_worker, WORLD, "simclr", str(mixed), victim_data, 1)
+    assert len(_losses(mixed)) == 1
+    with one_thread():
+        _train("simclr", _victim_cfg("simclr"), mixed, victim_data, resume=True)
+    assert max(abs(a - b) for a, b in zip(_losses(one), _losses(mixed))) < 1e-4
+    assert _max_weight_diff(_weights(one), _weights(mixed)) < 1e-4
+
+
+def test_torchrun_command_line(tmp_path):
+    """``torchrun --nproc_per_node=2 -m clpoison train``: one metrics line per epoch, one result
+    printed, world size 2 in the summary, the lock gone afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import SHARED
+    from tests.dist_workers import free_port
+
+    if not (SHARED / "cifar10_lossless_subset.npz").exists():
+        pytest.skip("offline CIFAR-10 not found")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CLPOISON_DATA": str(SHARED)}
+    sets = ["model.width=4", "data.train_size=64", "train.batch_size=16", "train.epochs=2",
+            "train.channels_last=false", "eval.fast_probe_iters=20", "eval.random_init_floor=false",
+            "train.device=cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", "-m", "clpoison", "train", "--preset", "mini",
+           "--algorithm", "simclr", "--out", str(out), "--quiet"]
+    for s in sets:
+        cmd += ["--set", s]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count('"wall_seconds"') == 1
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["versions"]["world_size"] == "2"
+    assert not (out / ".clpoison.lock").exists()

@@ -6,6 +6,8 @@ Every user mistake surfaces as one line ``clpoison: error: ...`` and exit status
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -351,11 +353,26 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
+# Commands whose work is shared by the processes of a torchrun launch; the others (export,
+# show, ...) run on rank 0 alone.
+COLLECTIVE = ("train", "attack", "eval", "matrix", "story")
+
+
 def _run(args) -> int:
     """The command, holding the lock on its ``--out`` (one writer per output); when it fails, an
-    output it created that holds no file yet (an empty run folder) is removed again."""
-    from clpoison.utils import output_lock
+    output it created that holds no file yet (an empty run folder) is removed again. Under
+    torchrun rank 0 takes the lock and cleans up; the other ranks join collective commands."""
+    from clpoison.distributed import shutdown
+    from clpoison.utils import env_rank, output_lock
 
+    if env_rank() != 0:
+        if args.command not in COLLECTIVE:
+            return 0
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):     # rank 0 prints the result
+                return args.func(args)
+        finally:
+            shutdown()
     created = [m for m in (_first_missing(o.absolute()) for o in _outputs(args)) if m is not None]
     try:
         if getattr(args, "out", None) is None:
@@ -370,6 +387,8 @@ def _run(args) -> int:
                 except OSError:
                     pass
         raise
+    finally:
+        shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,8 @@ from clpoison.engine import load_data, resume_key
 from clpoison.errors import ClpoisonError
 from clpoison.ssl import check_algorithm
 from clpoison.train import train_victim, victim_accuracy
-from clpoison.utils import atomic_path, safe_name, versions, write_json_atomic
+from clpoison.distributed import barrier
+from clpoison.utils import atomic_path, rank_and_world, safe_name, versions, write_json_atomic
 
 VICTIMS = ("supervised", "simclr", "mocov2", "byol")
 
@@ -132,9 +133,11 @@ def check_record(path: Path, settings: dict, what: str) -> None:
 
 
 def write_record(path: Path, settings: dict, **extra) -> None:
-    """Write the folder's record: ``settings`` (checked on a rerun) plus ``extra`` and versions."""
+    """Write the folder's record: ``settings`` (checked on a rerun) plus ``extra`` and versions
+    (under torchrun rank 0 writes and every rank waits for it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {**settings, **extra, "versions": versions()})
+    barrier()
 
 
 @dataclass
@@ -362,7 +365,11 @@ def _reusable(runs: dict[str, Path] | None, cfg, data) -> Path | None:
 
 
 def _adopt(source: Path, run_dir: Path, extra: dict) -> dict:
-    """Copy a finished victim into the matrix (atomically: a killed copy leaves nothing)."""
+    """Copy a finished victim into the matrix (atomically: a killed copy leaves nothing; under
+    torchrun rank 0 copies and the others wait)."""
+    if rank_and_world()[0] != 0:
+        barrier()
+        return json.loads((run_dir / "summary.json").read_text())
     tmp = run_dir.with_name(run_dir.name + ".adopting")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
@@ -371,6 +378,7 @@ def _adopt(source: Path, run_dir: Path, extra: dict) -> dict:
     write_json_atomic(tmp / "summary.json", summary)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(run_dir)
+    barrier()
     return summary
 
 

@@ -27,9 +27,15 @@ from clpoison.errors import ClpoisonError
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
-    A killed process therefore never leaves a half-written file under the final name.
+    A killed process therefore never leaves a half-written file under the final name. Under
+    torchrun only rank 0 writes: other ranks get a private temporary file that is thrown away
+    (they run the same code; a barrier after the write lets them read what rank 0 wrote).
     """
     path = Path(path)
+    if rank_and_world()[0] != 0:
+        with tempfile.TemporaryDirectory(prefix="clpoison-rank-") as scratch:
+            yield Path(scratch) / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -45,6 +51,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def env_rank() -> int:
+    """This process's global rank as torchrun set it (0 outside torchrun), known before the
+    process group opens."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 LOCK_NAME = ".clpoison.lock"

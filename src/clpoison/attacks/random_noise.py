@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from clpoison.distributed import barrier
 from clpoison.attacks.poison import POISON_FILE, Poison
 from clpoison.attacks.settings import attack_settings, check_attack
 from clpoison.engine import load_data
@@ -36,5 +37,6 @@ def generate_random(cfg, out_dir, *, attack: str = "random", train_set=None, res
     poison.meta["config"] = json.dumps(cfg.to_dict(), default=str)   # export/show read the data from it
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    poison.save(out_dir / POISON_FILE)
+    poison.save(out_dir / POISON_FILE)     # rank 0 under torchrun; the others wait for it
+    barrier()
     return poison

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from clpoison.distributed import all_gather_rows
 from clpoison.errors import ClpoisonError
+from clpoison.utils import rank_and_world
 
 
 def _to_matrices(x: torch.Tensor, channels: str) -> torch.Tensor:
@@ -115,13 +117,25 @@ def complete(x: torch.Tensor, p=0.5, *, method: str = "usvt", channels: str = "c
 
 def complete_uint8(images: torch.Tensor, p, batch_size: int = 2048, **kwargs) -> torch.Tensor:
     """:func:`complete` for a uint8 image tensor in chunks (bounded memory); returns uint8.
-    ``p`` may be a (N,) tensor of keep-probabilities, one per image."""
+    ``p`` may be a (N,) tensor of keep-probabilities, one per image. Under torchrun the chunks
+    are shared out over the ranks (every rank still draws every chunk's mask from the generator,
+    so the result is the one of a single process) and the completed images all-gathered."""
     pt = torch.as_tensor(p, dtype=torch.float32)
     out = torch.empty_like(images)
     gen = kwargs.pop("generator", None)
-    for start in range(0, images.shape[0], batch_size):
+    rank, world = rank_and_world()
+    mine = []
+    for k, start in enumerate(range(0, images.shape[0], batch_size)):
         sl = slice(start, start + batch_size)
         pp = pt[sl] if pt.ndim else pt
+        if k % world != rank:       # another rank's chunk: only advance the generator past it
+            pixel_mask(images[sl].shape, pp, gen, images.device)
+            continue
         y = complete(images[sl].float() / 255, pp, generator=gen, **kwargs)
         out[sl] = (y * 255).round().clamp(0, 255).to(torch.uint8)
+        mine.append(torch.arange(start, min(start + batch_size, images.shape[0])))
+    if world > 1:
+        rows = torch.cat(mine) if mine else torch.zeros(0, dtype=torch.long)
+        rows, values = all_gather_rows(rows, out[rows])
+        out[rows] = values
     return out

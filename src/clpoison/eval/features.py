@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from clpoison.distributed import all_gather_rows, shard_rows
 from clpoison.models.fuse import fuse_conv_bn
 
 
@@ -16,16 +17,20 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, mean, std,
                      channels_last: bool = True) -> torch.Tensor:
     """Features (N, D) of uint8 images (N,3,H,W), encoder in eval mode (BN running stats).
 
-    Runs a BN-folded copy of the encoder (same function, fewer kernels)."""
+    Runs a BN-folded copy of the encoder (same function, fewer kernels). Under torchrun each
+    rank extracts a contiguous share of the images and every rank gets all the features."""
     encoder = fuse_conv_bn(copy.deepcopy(encoder).eval())
     device = torch.device(device)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    mine, _ = shard_rows(torch.arange(images.shape[0]))
+    lo, hi = (int(mine[0]), int(mine[-1]) + 1) if len(mine) else (0, 0)
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
+    for start in range(lo, hi, batch_size):
+        x = images[start:min(start + batch_size, hi)].to(device, non_blocking=True).float().div_(255)
         x = (x - mean_t) / std_t
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out.append(encoder(x).float())
-    return torch.cat(out)
+    feats = torch.cat(out) if out else torch.zeros(0, encoder.feature_dim, device=device)
+    return all_gather_rows(mine.to(feats.device), feats)[1]
