@@ -361,23 +361,48 @@ COLLECTIVE = ("train", "attack", "eval", "matrix", "story")
 def _run(args) -> int:
     """The command, holding the lock on its ``--out`` (one writer per output); when it fails, an
     output it created that holds no file yet (an empty run folder) is removed again. Under
-    torchrun rank 0 takes the lock and cleans up; the other ranks join collective commands."""
-    from clpoison.distributed import shutdown
+    torchrun the process group opens first; rank 0 takes the lock, prints and cleans up, and
+    the other ranks join collective commands once rank 0 holds the lock."""
+    from clpoison.distributed import agree, env_world_size, shutdown
     from clpoison.utils import env_rank, output_lock
 
-    if env_rank() != 0:
-        if args.command not in COLLECTIVE:
-            return 0
-        try:
+    collective = args.command in COLLECTIVE and env_world_size() > 1
+    try:
+        if collective:
+            _open_group(args)
+        if env_rank() != 0:
+            if not collective or not agree(False):      # rank 0 could not take the lock
+                return 0 if not collective else 2
             with contextlib.redirect_stdout(io.StringIO()):     # rank 0 prints the result
                 return args.func(args)
-        finally:
-            shutdown()
+        return _run_rank0(args, output_lock, agree if collective else None)
+    finally:
+        shutdown()
+
+
+def _open_group(args) -> None:
+    from clpoison.distributed import init_from_env
+    from clpoison.engine import resolve_device
+
+    init_from_env(resolve_device(getattr(args, "device", None) or "auto"))
+
+
+def _run_rank0(args, output_lock, agree) -> int:
+    """Rank 0 (or the only process): take the lock, tell the other ranks (``agree``, None in
+    one process) whether it did, run the command; on failure remove the empty folders made."""
     created = [m for m in (_first_missing(o.absolute()) for o in _outputs(args)) if m is not None]
     try:
-        if getattr(args, "out", None) is None:
-            return args.func(args)
-        with output_lock(Path(args.out), is_file=args.func in (cmd_attack, cmd_show, cmd_eval)):
+        with contextlib.ExitStack() as stack:
+            if getattr(args, "out", None) is not None:
+                try:
+                    stack.enter_context(output_lock(Path(args.out), is_file=args.func in (
+                        cmd_attack, cmd_show, cmd_eval)))
+                except BaseException:
+                    if agree is not None:
+                        agree(False)
+                    raise
+            if agree is not None:
+                agree(True)
             return args.func(args)
     except BaseException:
         for folder in created:      # empty folders only, deepest first: never a file
@@ -387,8 +412,6 @@ def _run(args) -> int:
                 except OSError:
                     pass
         raise
-    finally:
-        shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from torch import nn
 from clpoison.errors import ClpoisonError
 from clpoison.utils import rank_and_world
 
-__all__ = ["SyncBatchNorm", "all_gather_rows", "all_reduce_", "barrier", "broadcast_buffers",
+__all__ = ["SyncBatchNorm", "agree", "all_gather_rows", "all_reduce_", "barrier", "broadcast_buffers",
            "check_divisible", "convert_sync_batchnorm", "env_world_size", "gather_with_grad",
            "init_from_env", "is_distributed", "local_device", "shard_rows", "shutdown", "wrap_ddp"]
 
@@ -54,7 +54,8 @@ def env_world_size() -> int:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """Under torchrun a CUDA device without an index becomes ``cuda:LOCAL_RANK``."""
+    """Under torchrun a CUDA device without an index becomes ``cuda:LOCAL_RANK`` (an explicit
+    ``cuda:N`` is kept: every rank on GPU N is the user's choice)."""
     if device.type == "cuda" and device.index is None and env_world_size() > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
@@ -71,7 +72,9 @@ def init_from_env(device: torch.device, timeout_minutes: float = 60.0) -> torch.
         raise ClpoisonError("this torch build has no torch.distributed; run in one process")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # NCCL for CUDA tensors, gloo for the few CPU ones (rows of a poison kept on the host, the
+    # images of the offline defenses).
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
                             device_id=device if device.type == "cuda" else None)
     return device
@@ -87,6 +90,16 @@ def barrier() -> None:
     """Wait for every rank (after rank 0 writes a file the others read)."""
     if is_distributed():
         dist.barrier()
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (the others pass anything): whether to go on, e.g. after
+    rank 0 tried to take the output lock."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0])
+    dist.broadcast(t, 0)
+    return bool(t.item())
 
 
 def check_divisible(batch_size: int, what: str = "train.batch_size") -> None:

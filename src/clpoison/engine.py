@@ -306,8 +306,9 @@ def contrastive_loss(method, augment, x: torch.Tensor, generator: torch.Generato
     gradient also flows through a momentum/target branch (dual-branch poisoning).
     """
     shard = batch_shard(x.shape[0])      # under torchrun: this rank's part of the global batch
-    view1 = augment(x, generator=generator, shard=shard).contiguous(memory_format=memory_format)
-    view2 = augment(x, generator=generator, shard=shard).contiguous(memory_format=memory_format)
+    kw = {} if shard is None else {"shard": shard}      # any augmentation works in one process
+    view1 = augment(x, generator=generator, **kw).contiguous(memory_format=memory_format)
+    view2 = augment(x, generator=generator, **kw).contiguous(memory_format=memory_format)
     with (amp if amp is not None else contextlib.nullcontext()):
         return method(view1, view2, target_grad=target_grad)
 

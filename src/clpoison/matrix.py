@@ -236,6 +236,7 @@ class MatrixRun:
         return self.generate(row.attack, row.algorithm)
 
     def generate(self, attack: str, algorithm: str | None) -> Path | None:
+        barrier()      # under torchrun: every rank decides on the same files
         run_dir = self.m.poison_dir(attack, algorithm)
         target = run_dir / POISON_FILE
         if target.exists() or self.table_only:
@@ -256,6 +257,7 @@ class MatrixRun:
 
     def cell(self, row: Row, column: Column, seed: int, data: "_LazyData") -> dict | None:
         """One victim's summary: finished (checked), copied in from ``reuse``, or trained now."""
+        barrier()      # under torchrun: every rank decides on the same files
         run_dir = self.m.cell_dir(row, column, seed)
         cfg = self.m.victim_config(column, seed)
         if self.m.cell_finished(row, column, seed):

@@ -68,8 +68,9 @@ def ap_batch(model, delta, x, y, prow, a: APConfig, num_classes, view, generator
     with torch.no_grad():
         after = loss_fn((x + delta[prow]).clamp(0, 1), y)
     # Under torchrun: the mean over the global batch (shards of any size).
-    sums = all_reduce_(torch.stack([before * len(y), after * len(y),
-                                    torch.tensor(float(len(y)), device=x.device)]).double())
+    n = torch.tensor(float(len(y)), dtype=torch.float64, device=x.device)
+    sums = all_reduce_(torch.stack([before.double().nan_to_num() * n,      # an empty shard: 0
+                                    after.double().nan_to_num() * n, n]))
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 

@@ -32,7 +32,7 @@ from clpoison.attacks.settings import UEConfig, attack_settings, check_attack
 from clpoison.augment import Normalize
 from clpoison.config import Config
 from clpoison.data import normalization_stats
-from clpoison.distributed import all_reduce_, shard_rows
+from clpoison.distributed import all_reduce_, broadcast_buffers, shard_rows
 from clpoison.engine import (EpochSampler, RunLogger, build_optimizer, epoch_generator, load_data,
                              load_resume_state, refuse_existing_run, resume_key, save_checkpoint,
                              setup_runtime, train_module, truncate_metrics)
@@ -64,6 +64,7 @@ def ue_noise_pass(model, delta, images, labels, row_of, batches, normalize_or_au
     takes its shard of each); returns the mean cross-entropy on the poisoned batches before and
     after the pass (the latter with the updated poison). ``normalize_or_augment(x, generator,
     shard)`` makes the views."""
+    broadcast_buffers(model)      # BN not synchronised: rank 0's running statistics on every rank
     frozen = frozen_copy(model, memory_format)
     sums = torch.zeros(3, dtype=torch.float64, device=delta.device)    # before, after, images
     for global_rows in batches:
@@ -77,9 +78,9 @@ def ue_noise_pass(model, delta, images, labels, row_of, batches, normalize_or_au
         for s in range(pgd_steps):
             loss = signed_step(loss_fn, delta, x, prow, step, epsilon, descend=True, kind=kind)
             if s == 0:
-                sums[0] += loss * len(rows)
+                sums[0] += loss.double().nan_to_num() * len(rows)    # an empty shard: nothing
         with torch.no_grad():
-            sums[1] += loss_fn((x + delta[prow]).clamp(0, 1)) * len(rows)
+            sums[1] += loss_fn((x + delta[prow]).clamp(0, 1)).double().nan_to_num() * len(rows)
         sums[2] += len(rows)
     before, after, n = all_reduce_(sums).tolist()
     return before / max(1, n), after / max(1, n)
@@ -90,6 +91,7 @@ def poisoned_error(model, delta, images, labels, row_of, normalize, memory_forma
                    batch_size: int = 1024) -> float:
     """Error of the surrogate on the poisoned training set (no augmentation, BN in eval mode);
     under torchrun each rank counts its share of the images."""
+    broadcast_buffers(model)
     frozen = frozen_copy(model, memory_format)
     mine, _ = shard_rows(torch.arange(images.shape[0], device=images.device))
     wrong = torch.zeros((), dtype=torch.long, device=images.device)
@@ -213,7 +215,7 @@ class UEGenerator:
         order runs on across rounds); returns their mean loss."""
         a, device = self.a, self.device
         self.model.train()
-        m_loss = torch.zeros((), device=device)
+        m_loss = torch.zeros((), dtype=torch.float64, device=device)
         for _ in range(a.model_steps):
             epoch, b = divmod(self.model_step, len(self.sampler))
             rows = self.sampler.batches(epoch)[b].to(device)
@@ -224,7 +226,7 @@ class UEGenerator:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            m_loss += loss.detach() / a.model_steps
+            m_loss += loss.detach().double() / a.model_steps
             self.model_step += 1
         return all_reduce_(m_loss, mean=True).item()
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from clpoison.config import Config
 from clpoison.defenses import adversarial_inputs
-from clpoison.distributed import all_reduce_, barrier
+from clpoison.distributed import all_reduce_, barrier, broadcast_buffers
 from clpoison.engine import (EpochSampler, RunLogger, batch_shard, check_signature, end_of_epoch,
                              epoch_generator, load_checkpoint, load_resume_state, lr_at,
                              model_signature, refuse_existing_run, resume_key, save_checkpoint,
@@ -69,6 +69,11 @@ class VictimLoop:
         """``self.net``: the module the SGD step runs (DDP and synchronised BN under torchrun,
         ``self.model`` itself in one process). Call before building the optimiser."""
         self.model, self.net = train_module(self.model, self.device, self.cfg.train.sync_bn)
+
+    def sync_statistics(self) -> None:
+        """Before evaluating: with BN not synchronised (``train.sync_bn: false``) the ranks'
+        running statistics differ; every rank takes rank 0's."""
+        broadcast_buffers(self.model)
 
     def log_start(self, name: str) -> None:
         cfg, t = self.cfg, self.cfg.train

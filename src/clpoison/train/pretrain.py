@@ -113,6 +113,7 @@ class ContrastiveVictim(VictimLoop):
 
     def evaluate(self, log=None) -> dict:
         """Linear probe and kNN accuracy of the encoder on the clean probe and test sets."""
+        self.sync_statistics()
         return evaluate_encoder(self.model.encoder, self.probe_set, self.test_set,
                                 self.cfg.eval, self.mean, self.std, self.device,
                                 seed=self.cfg.train.seed, log=log)

@@ -72,7 +72,8 @@ def supervised_step(model, augment, x, y, generator, memory_format, amp=None,
     ``shard``: where ``x`` sits in the global batch under torchrun (``"even"``: an evenly split
     one, see ``engine.batch_shard``)."""
     shard = batch_shard(x.shape[0]) if shard == "even" else shard
-    views = augment(x, generator=generator, shard=shard).contiguous(memory_format=memory_format)
+    kw = {} if shard is None else {"shard": shard}      # any augmentation works in one process
+    views = augment(x, generator=generator, **kw).contiguous(memory_format=memory_format)
     with (amp if amp is not None else torch.autocast("cpu", enabled=False)):
         return F.cross_entropy(model(views), y)
 
@@ -141,6 +142,7 @@ class SupervisedVictim(VictimLoop):
     def final_evaluation(self) -> dict:
         """Test accuracy, and accuracy on the training set as given (poisoned for a victim):
         high there and low on the clean test set is the signature of a shortcut."""
+        self.sync_statistics()
         t_eval = time.time()
         final = {"test_accuracy": accuracy(self.model, self.test_set, self.mean, self.std,
                                            self.device),
