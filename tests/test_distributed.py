@@ -264,3 +264,65 @@ def test_torchrun_command_line(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["versions"]["world_size"] == "2"
     assert not (out / ".clpoison.lock").exists()
+
+
+# --- sharded work, and the small rules ----------------------------------------------------------
+def _sharded_worker(rank, out, images):
+    from clpoison.defenses import complete_uint8
+    from clpoison.eval import extract_features
+    from clpoison.models import build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", 4, "cifar")
+    feats = extract_features(encoder, images, (0.5,) * 3, (0.25,) * 3, batch_size=7,
+                             channels_last=False)
+    done = complete_uint8(images, torch.full((len(images),), 0.5), batch_size=6,
+                          generator=torch.Generator().manual_seed(1))
+    torch.save({"feats": feats, "mc": done}, f"{out}/rank{rank}.pt")
+
+
+def test_features_and_matrix_completion_are_sharded_to_the_one_process_result(victim_data, tmp_path):
+    """Each rank extracts a share of the features and completes a share of the chunks (uneven:
+    20 images in chunks of 6); every rank ends with the one-process result."""
+    images = victim_data[1].images                     # 20 test images
+    run_ranks(_sharded_worker, WORLD, str(tmp_path), images)
+    _sharded_worker(9, str(tmp_path), images)          # one process
+    ref = torch.load(tmp_path / "rank9.pt")
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got["feats"].shape == ref["feats"].shape == (20, 32)
+        assert torch.allclose(got["feats"], ref["feats"], atol=1e-5)
+        assert torch.equal(got["mc"], ref["mc"])
+
+
+def test_a_global_batch_the_processes_do_not_divide_is_refused(monkeypatch):
+    from clpoison import distributed
+    from clpoison.engine import EpochSampler
+    from clpoison.errors import ClpoisonError
+
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 3))
+    with pytest.raises(ClpoisonError, match="multiple of 3"):
+        EpochSampler(100, 32, seed=0)
+    assert len(EpochSampler(100, 30, seed=0).batches(0)[0]) == 10     # 30 = 3 x 10: fine
+
+
+def test_shards_are_contiguous_and_cover_the_batch(monkeypatch):
+    from clpoison import distributed
+
+    rows = torch.arange(10)
+    got = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank_and_world", lambda r=r: (r, 3))
+        got.append(distributed.shard_rows(rows))
+    assert [g[0].tolist() for g in got] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [g[1] for g in got] == [(0, 10), (4, 10), (7, 10)]
+
+
+def test_torchrun_puts_each_rank_on_its_own_gpu(monkeypatch):
+    from clpoison.distributed import local_device
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert local_device(torch.device("cuda:1")) == torch.device("cuda", 1)    # explicit: kept
+    assert local_device(torch.device("cpu")) == torch.device("cpu")
