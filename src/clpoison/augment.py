@@ -207,9 +207,12 @@ def adjust_hue(x: torch.Tensor, shift) -> torch.Tensor:
     return _Hue.apply(clamp01(x), _hue_offsets(shift, x.ndim))
 
 
-def _hue_offsets(shift: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Per-sample, per-channel phase ``6 * shift + n + 1`` (n = 5, 3, 1) used by ``_Hue``."""
-    offs = torch.tensor(_HUE_OFFSETS, dtype=shift.dtype, device=shift.device)
+def _hue_offsets(shift: torch.Tensor, ndim: int, offs: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample, per-channel phase ``6 * shift + n + 1`` (n = 5, 3, 1) used by ``_Hue``.
+    ``offs``: the constants (n) already on the device (no host-to-device copy per call)."""
+    if offs is None:
+        offs = torch.tensor(_HUE_OFFSETS, dtype=shift.dtype, device=shift.device)
+    offs = offs.to(shift.dtype)
     return (shift.reshape(-1, 1) * 6.0 + (offs + 1.0)).view((-1, 3) + (1,) * (ndim - 2))
 
 
@@ -500,6 +503,12 @@ class ContrastiveAugment(nn.Module):
         self.config = config
         mean, std = _check_stats(mean, std)
         self.mean, self.std = mean, std
+        # Constants as (float64) buffers that move with the module: a step casts them on the
+        # device instead of copying a Python list to it (a host synchronisation on CUDA).
+        for name, values in (("_gray_w", GRAY_WEIGHTS), ("_hue_offs", _HUE_OFFSETS),
+                             ("_inv_std", [1.0 / v for v in std]),
+                             ("_bias", [-m / v for m, v in zip(mean, std)])):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float64), persistent=False)
 
     def extra_repr(self) -> str:
         return f"{self.config}, mean={self.mean}, std={self.std}"
@@ -628,11 +637,12 @@ class ContrastiveAugment(nn.Module):
         one_m = 1.0 - fac
         sat = torch.where(ords == SATURATION, one_m, 0.0)                           # (N, 4)
         con = torch.where(ords == CONTRAST, one_m, 0.0)
-        wts = torch.tensor(GRAY_WEIGHTS, dtype=dt, device=dev)
+        wts = self._gray_w.to(dev, dt)
         eye = torch.eye(3, dtype=dt, device=dev)
         # mats[:, pos] = f I + sat 1 w^T ; offsets use con * (w . channel means)
         mats = fac[:, :, None, None] * eye + sat[:, :, None, None] * wts.view(1, 1, 1, 3)
-        phase = _hue_offsets(params["hue"].to(dev, dt).index_select(0, perm), 3)    # (N, 3, 1)
+        phase = _hue_offsets(params["hue"].to(dev, dt).index_select(0, perm), 3,
+                             self._hue_offs.to(dev))                                 # (N, 3, 1)
         bounds = [0]
         for c in counts[:4]:
             bounds.append(bounds[-1] + c)
@@ -646,12 +656,11 @@ class ContrastiveAugment(nn.Module):
         """RandomGrayscale then Normalize, as one per-sample 3x3 colour matrix (one baddbmm)."""
         n, _, hh, ww = x.shape
         dt, dev = x.dtype, x.device
-        inv_std = torch.tensor([1.0 / v for v in self.std], dtype=dt, device=dev)
-        bias = torch.tensor([-m / v for m, v in zip(self.mean, self.std)], dtype=dt, device=dev)
+        inv_std, bias = self._inv_std.to(dev, dt), self._bias.to(dev, dt)
         if self.config.gray_p == 0.0:
             return torch.addcmul(bias.view(1, 3, 1, 1), x, inv_std.view(1, 3, 1, 1))
         gw = params["gray"].to(dev, dt).view(n, 1, 1)
-        wts = torch.tensor(GRAY_WEIGHTS, dtype=dt, device=dev)
+        wts = self._gray_w.to(dev, dt)
         eye = torch.eye(3, dtype=dt, device=dev)
         mats = ((1.0 - gw) * eye + gw * wts.view(1, 1, 3)) * inv_std.view(1, 3, 1)    # (N, 3, 3)
         out = _ColourAffine.apply(x.reshape(n, 3, hh * ww), mats, bias.view(1, 3, 1))

@@ -126,7 +126,8 @@ class TrainConfig:
     threads: int | None = None        # torch intra-op threads on CPU; None: torch default
     channels_last: bool = True
     amp: str = "none"                 # none | bf16 (CUDA or CPU) | fp16 (CUDA only)
-    compile: bool = False             # torch.compile (CUDA only in practice)
+    compile: bool = False             # torch.compile of the training forward (CUDA in practice)
+    deterministic: bool = False       # deterministic GPU kernels (slower); CPU runs always are
     checkpoint_every: int = 10        # epochs; 0 = only at the end
     sync_bn: bool = True              # under torchrun: BatchNorm over the global batch (victims)
 

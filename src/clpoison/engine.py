@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,21 @@ def setup_runtime(cfg: Config) -> torch.device:
         warnings.warn("train.amp=bf16 on a CPU without native bf16 (AVX512-BF16/AMX) is emulated "
                       "and slow; pass --set train.amp=none to run in fp32", stacklevel=2)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not cfg.train.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if cfg.train.deterministic:
+        deterministic_mode()
     return device
+
+
+def deterministic_mode() -> None:
+    """``train.deterministic``: deterministic kernels where torch has them (cuDNN without
+    autotuning, cuBLAS with a fixed workspace); an op without one warns instead of failing. CPU
+    runs are deterministic without it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _native_cpu_bf16() -> bool:
@@ -168,6 +180,8 @@ class EpochSampler:
     batch_size: int
     seed: int
     drop_last: bool = True
+    device: torch.device | str | None = None   # where the row indices live (one copy an epoch)
+    _last: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.batch_size > self.n and self.drop_last:
@@ -180,10 +194,17 @@ class EpochSampler:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
     def global_batches(self, epoch: int) -> list[torch.Tensor]:
-        """The global batches of ``epoch`` (every rank's rows)."""
+        """The global batches of ``epoch`` (every rank's rows); the last epoch's are kept, so a
+        loop that asks step by step draws the permutation once."""
+        if self._last is not None and self._last[0] == epoch:
+            return self._last[1]
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.n, generator=gen)
-        return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
+        if self.device is not None:
+            order = order.to(self.device)
+        out = [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
+        self._last = (epoch, out)
+        return out
 
     def batches(self, epoch: int) -> list[torch.Tensor]:
         """This rank's shard of each global batch of ``epoch``."""
@@ -205,15 +226,19 @@ def batch_shard(n: int) -> tuple[int, int] | None:
     return None if world == 1 else (rank * n, n * world)
 
 
-def train_module(module, device: torch.device, sync_bn: bool):
-    """``module`` ready for data-parallel training: BatchNorm synchronised across ranks when
-    ``sync_bn`` and DDP around it (the module itself in one process). Returns (bare, wrapped):
-    train through ``wrapped``; evaluate, checkpoint and take poison gradients through ``bare``."""
-    if rank_and_world()[1] == 1:
-        return module, module
-    if sync_bn:
-        module = convert_sync_batchnorm(module, device)
-    return module, wrap_ddp(module, device, broadcast_buffers=not sync_bn)
+def train_module(module, device: torch.device, sync_bn: bool, compile: bool = False):
+    """``module`` ready for training: under torchrun BatchNorm synchronised across ranks when
+    ``sync_bn`` and DDP around it; ``torch.compile`` around that with ``compile``. Returns (bare,
+    wrapped): train through ``wrapped``; evaluate, checkpoint, copy and take poison gradients
+    through ``bare`` (never compiled itself, so its copies are plain modules)."""
+    wrapped = module
+    if rank_and_world()[1] > 1:
+        if sync_bn:
+            module = convert_sync_batchnorm(module, device)
+        wrapped = wrap_ddp(module, device, broadcast_buffers=not sync_bn)
+    if compile:
+        wrapped = torch.compile(wrapped)
+    return module, wrapped
 
 
 class RunLogger:

@@ -154,7 +154,7 @@ class APGenerator:
         self.augment = build_crop_flip(cfg, mean, std).to(device)
         self.normalize = Normalize(mean, std).to(device)
         self.batches = EpochSampler(len(train_set), cfg.train.batch_size, seed,
-                                    drop_last=False).global_batches(0)
+                                    drop_last=False, device=device).global_batches(0)
         self.batch = 0
 
     def view(self, xp: torch.Tensor, generator: torch.Generator, shard=None) -> torch.Tensor:

@@ -163,13 +163,15 @@ class UEGenerator:
         self.model = build_classifier(cfg, train_set.num_classes).to(device)
         self.memory_format = channels_format(cfg, device)
         self.model = self.model.to(memory_format=self.memory_format)
-        self.model, self.net = train_module(self.model, device, a.sync_bn)   # DDP under torchrun
+        self.model, self.net = train_module(self.model, device, a.sync_bn,   # DDP under torchrun
+                                            cfg.train.compile)
         self.augment = build_crop_flip(cfg, mean, std).to(device)
         self.normalize = Normalize(mean, std).to(device)
         self.optimizer = build_optimizer(self.model.parameters(), cfg)
         batch_size = cfg.train.batch_size
-        self.sampler = EpochSampler(len(train_set), batch_size, seed)
-        self.noise_sampler = EpochSampler(len(train_set), batch_size, seed + 1, drop_last=False)
+        self.sampler = EpochSampler(len(train_set), batch_size, seed, device=device)
+        self.noise_sampler = EpochSampler(len(train_set), batch_size, seed + 1, drop_last=False,
+                                          device=device)
         self.round, self.model_step = 0, 0
 
     def state(self) -> dict:

@@ -67,8 +67,12 @@ class VictimLoop:
 
     def distribute(self) -> None:
         """``self.net``: the module the SGD step runs (DDP and synchronised BN under torchrun,
-        ``self.model`` itself in one process). Call before building the optimiser."""
-        self.model, self.net = train_module(self.model, self.device, self.cfg.train.sync_bn)
+        compiled with ``train.compile``, ``self.model`` itself otherwise), and the GradScaler of
+        fp16 steps. Call before building the optimiser."""
+        t = self.cfg.train
+        self.model, self.net = train_module(self.model, self.device, t.sync_bn, t.compile)
+        if t.amp == "fp16" and self.device.type == "cuda":
+            self.scaler = torch.amp.GradScaler("cuda")
 
     def sync_statistics(self) -> None:
         """Before evaluating: with BN not synchronised (``train.sync_bn: false``) the ranks'
@@ -84,7 +88,7 @@ class VictimLoop:
     def schedule(self) -> None:
         """The seeded batch order and the warm-up + cosine learning-rate schedule."""
         t = self.cfg.train
-        self.sampler = EpochSampler(len(self.train_set), t.batch_size, t.seed)
+        self.sampler = EpochSampler(len(self.train_set), t.batch_size, t.seed, device=self.device)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = t.epochs * self.steps_per_epoch
         self.warmup_steps = round(t.warmup_epochs * self.steps_per_epoch)

@@ -74,14 +74,10 @@ class ContrastiveVictim(VictimLoop):
         self.memory_format = channels_format(cfg, self.device)
         self.model = self.model.to(memory_format=self.memory_format)
         self.distribute()
-        if t.compile:
-            self.model.encoder.compile()
         self.augment = defended_augment(cfg.defense, build_augment(cfg, self.mean, self.std)
                                         ).to(self.device)
         self.optimizer = build_optimizer(self.model.online_parameters(), cfg)
         self.schedule()
-        if t.amp == "fp16" and self.device.type == "cuda":
-            self.scaler = torch.amp.GradScaler("cuda")
         self.floor = None
 
     def resume(self) -> dict | None:
