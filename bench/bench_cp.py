@@ -23,12 +23,28 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 
 CASES = ("plain", "model", "model-kornia", "noise-c", "noise-s")
 
 
+def cpu_peak_mb() -> float:
+    """This process's peak resident memory: VmHWM (Linux; unlike ru_maxrss it does not carry the
+    parent's peak across exec), else ru_maxrss."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_case(case: str, width: int, batch: int, repeats: int, device: str, algorithm: str,
-             amp: str = "none") -> dict:
+             amp: str = "none", rows: int = 50_000, sync_check: bool = False) -> dict:
+    """One case timed over ``repeats`` steps after a warm-up. ``rows``: the CP-S poison's rows.
+    ``sync_check`` (CUDA): count the host synchronisations inside the timed steps
+    (``torch.cuda.set_sync_debug_mode("warn")``)."""
     import torch
 
     from clpoison.attacks.cp import poison_step
@@ -52,7 +68,7 @@ def run_case(case: str, width: int, batch: int, repeats: int, device: str, algor
             K.Normalize(torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.2, 0.2, 0.2]))).to(dev)
         augment = lambda x, generator=None: pipeline(x)  # noqa: E731 (kornia uses the global RNG)
     opt = build_optimizer(method.online_parameters(), cfg)
-    n_rows = {"noise-c": 10, "noise-s": 50_000}.get(case, 10)
+    n_rows = {"noise-c": 10, "noise-s": rows}.get(case, 10)
     delta = torch.zeros(n_rows, 3, 32, 32, device=dev)
     x = torch.rand(batch, 3, 32, 32, device=dev)
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -92,17 +108,26 @@ def run_case(case: str, width: int, batch: int, repeats: int, device: str, algor
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        step()
+    syncs = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if sync_check and dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        if sync_check and dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+            syncs = sum("synchroniz" in str(w.message) for w in caught)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     sec = (time.perf_counter() - t0) / repeats
     if dev.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"case": case, "amp": amp, "seconds_per_step": sec, "images_per_s": batch / sec, "peak_mb": peak_mb}
+        peak_mb = cpu_peak_mb()
+    return {"case": case, "amp": amp, "seconds_per_step": sec, "images_per_s": batch / sec,
+            "peak_mb": peak_mb, "sync_warnings": syncs}
 
 
 def main() -> None:
@@ -114,18 +139,22 @@ def main() -> None:
     ap.add_argument("--algorithm", default="simclr")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--amp", default="none", help="comma-separated train.amp values: none,bf16")
+    ap.add_argument("--rows", type=int, default=50_000, help="rows of the CP-S poison")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="CUDA: count host synchronisations inside the timed steps")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.width, args.batch, args.repeats, args.device,
-                                  args.algorithm, args.amp)))
+                                  args.algorithm, args.amp, args.rows, args.sync_check)))
         return
     rows = []
     for amp in args.amp.split(","):
         for case in args.cases.split(","):
             cmd = [sys.executable, __file__, "--case", case, "--width", str(args.width), "--batch",
                    str(args.batch), "--repeats", str(args.repeats), "--device", args.device,
-                   "--algorithm", args.algorithm, "--amp", amp]
+                   "--algorithm", args.algorithm, "--amp", amp, "--rows", str(args.rows)]
+            cmd += ["--sync-check"] if args.sync_check else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
