@@ -45,16 +45,21 @@ def peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def datasets(train_size: int):
-    """(train, test): CIFAR-10 when found, else random images with CIFAR's shape and labels."""
+def datasets(train_size: int | None):
+    """(train, test): CIFAR-10 when found (``train_size`` None: all 50,000 training and 10,000
+    test images), else random images with CIFAR's shape and labels."""
     from clpoison.data import ImageDataset, balanced_subset, load_dataset
 
     root = os.environ.get("CLPOISON_DATA")
     try:
         train = load_dataset("cifar10", "train", root=root)
         test = load_dataset("cifar10", "test", root=root)
+        if train_size is None:
+            return train, test, "cifar10 (all)"
         return balanced_subset(train, train_size, seed=0), balanced_subset(test, 500, seed=0), "cifar10"
     except Exception:
+        if train_size is None:
+            raise
         g = torch.Generator().manual_seed(0)
 
         def make(split, n):
@@ -67,8 +72,8 @@ def datasets(train_size: int):
 
 def verb_settings(size: dict, device: str) -> dict:
     """The paper preset's network and precision, lengths cut to a few steps."""
-    b = size["batch"]
-    return {"model.width": size["width"], "train.batch_size": b, "train.epochs": 1,
+    return {"model.width": size["width"], "train.batch_size": size["batch"], "train.epochs": 1,
+            "train.steps_per_epoch": 2,
             "train.warmup_epochs": 0, "train.device": device, "eval.probe": "fast",
             "eval.fast_probe_iters": 20, "eval.random_init_floor": False,
             "attack.warm_start_epochs": 0, "attack.cp-c.rounds": 1, "attack.cp-c.model_steps": 2,
@@ -174,10 +179,11 @@ def projection(bench: list[dict], batch: int) -> dict:
 
 
 def markdown(report: dict) -> str:
+    size, v = report["size"], report["versions"]
     lines = [f"# Device check: {report['device_name']}", "",
-             f"{report['mode']} mode, width {report['size']['width']}, batch "
-             f"{report['size']['batch']}, data: {report['data']}; clpoison {report['versions']['git'] if 'git' in report['versions'] else ''}, "
-             f"torch {report['versions']['torch']}, {report['date']}.", "",
+             f"{report['mode']} mode, width {size['width']}, batch {size.get('verb_batch', size['batch'])} "
+             f"(verbs) / {size['batch']} (steps), data: {report['data']}; clpoison "
+             f"{v.get('git', v['clpoison'])}, torch {v['torch']}, {report['date']}.", "",
              "| verb | seconds | peak MB | result |", "|---|---|---|---|"]
     lines += [f"| {v['verb']} | {v['seconds']} | {v['peak_mb']} | {v['error'] or 'ok'} |"
               for v in report["verbs"]]
@@ -197,22 +203,30 @@ def main() -> int:
     ap.add_argument("--out", default="runs/gpu-check")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a CPU")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--full-data", action="store_true",
+                    help="the verbs on all 50,000 CIFAR-10 training images (batch 512), the "
+                         "full-scale smoke run")
     args = ap.parse_args()
     from clpoison.engine import resolve_device
     from clpoison.utils import versions
 
     device = resolve_device(args.device)
-    size = SIZES["quick" if args.quick else "full"]
+    size = dict(SIZES["quick" if args.quick else "full"])
+    if args.full_data:
+        size.update(train_size=None, verb_batch=512)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_flush_denormal(True)
     train, test, data = datasets(size["train_size"])
-    print(f"device check on {device} ({'quick' if args.quick else 'full'}), data: {data}",
+    print(f"device check on {device} (quick: {args.quick}, full data: {args.full_data}), data: "
+          f"{data}, {len(train)} training images",
           file=sys.stderr)
     work = out / "runs"
-    verbs_done = run_verbs(work, train, test, verb_settings(size, str(device)), device)
+    verbs_done = run_verbs(work, train, test, verb_settings(
+        dict(size, batch=size.get("verb_batch", size["batch"])), str(device)), device)
     bench = run_bench(size, str(device))
-    report = {"mode": "quick" if args.quick else "full", "device": str(device),
+    mode = "quick" if args.quick else "full data" if args.full_data else "full"
+    report = {"mode": mode, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
               else versions()["cpu"], "size": size, "data": data,
               "date": time.strftime("%Y-%m-%d %H:%M"), "versions": versions(),

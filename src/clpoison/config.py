@@ -128,6 +128,8 @@ class TrainConfig:
     amp: str = "none"                 # none | bf16 (CUDA or CPU) | fp16 (CUDA only)
     compile: bool = False             # torch.compile of the training forward (CUDA in practice)
     deterministic: bool = False       # deterministic GPU kernels (slower); CPU runs always are
+    steps_per_epoch: int | None = None  # smoke runs: only the first N batches of every epoch
+                                        # (victims, generators, UE/AP passes); None: all
     checkpoint_every: int = 10        # epochs; 0 = only at the end
     sync_bn: bool = True              # under torchrun: BatchNorm over the global batch (victims)
 
@@ -293,6 +295,7 @@ BOUNDS = {
     "train.weight_decay": (0, True, None), "train.warmup_epochs": (0, True, None),
     "train.min_lr_ratio": (0, True, 1), "train.threads": (1, True, None),
     "train.checkpoint_every": (0, True, None),
+    "train.steps_per_epoch": (1, True, None),
     "eval.probe_epochs": (1, True, None), "eval.probe_lr": (0, False, None),
     "eval.probe_batch_size": (1, True, None), "eval.fast_probe_iters": (1, True, None),
     "eval.fast_probe_l2": (0, True, None), "eval.knn_k": (1, True, None),

@@ -181,6 +181,7 @@ class EpochSampler:
     seed: int
     drop_last: bool = True
     device: torch.device | str | None = None   # where the row indices live (one copy an epoch)
+    max_batches: int | None = None             # only the first batches of each epoch (smoke runs)
     _last: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -191,7 +192,8 @@ class EpochSampler:
             check_divisible(self.batch_size)
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        full = self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        return full if self.max_batches is None else min(full, self.max_batches)
 
     def global_batches(self, epoch: int) -> list[torch.Tensor]:
         """The global batches of ``epoch`` (every rank's rows); the last epoch's are kept, so a

@@ -153,8 +153,9 @@ class APGenerator:
         mean, std = normalization_stats(cfg.data.dataset)
         self.augment = build_crop_flip(cfg, mean, std).to(device)
         self.normalize = Normalize(mean, std).to(device)
-        self.batches = EpochSampler(len(train_set), cfg.train.batch_size, seed,
-                                    drop_last=False, device=device).global_batches(0)
+        self.batches = EpochSampler(len(train_set), cfg.train.batch_size, seed, drop_last=False,
+                                    device=device, max_batches=cfg.train.steps_per_epoch
+                                    ).global_batches(0)
         self.batch = 0
 
     def view(self, xp: torch.Tensor, generator: torch.Generator, shard=None) -> torch.Tensor:

@@ -115,7 +115,8 @@ class CPGenerator:
         self.method, self.net = train_module(self.method, device, a.sync_bn, cfg.train.compile)
         self.augment = build_augment(cfg, *normalization_stats(cfg.data.dataset)).to(device)
         self.optimizer = build_optimizer(self.method.online_parameters(), cfg)
-        self.sampler = EpochSampler(len(train_set), cfg.train.batch_size, seed, device=device)
+        self.sampler = EpochSampler(len(train_set), cfg.train.batch_size, seed, device=device,
+                                    max_batches=cfg.train.steps_per_epoch)
         self.per_epoch = len(self.sampler)
         self.model_steps = a.model_steps if a.model_steps is not None else self.per_epoch
         self.noise_steps = min(a.noise_steps if a.noise_steps is not None else self.per_epoch,

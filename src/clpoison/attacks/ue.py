@@ -169,9 +169,10 @@ class UEGenerator:
         self.normalize = Normalize(mean, std).to(device)
         self.optimizer = build_optimizer(self.model.parameters(), cfg)
         batch_size = cfg.train.batch_size
-        self.sampler = EpochSampler(len(train_set), batch_size, seed, device=device)
+        limit = cfg.train.steps_per_epoch
+        self.sampler = EpochSampler(len(train_set), batch_size, seed, device=device, max_batches=limit)
         self.noise_sampler = EpochSampler(len(train_set), batch_size, seed + 1, drop_last=False,
-                                          device=device)
+                                          device=device, max_batches=limit)
         self.round, self.model_step = 0, 0
 
     def state(self) -> dict:

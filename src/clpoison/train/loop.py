@@ -88,7 +88,8 @@ class VictimLoop:
     def schedule(self) -> None:
         """The seeded batch order and the warm-up + cosine learning-rate schedule."""
         t = self.cfg.train
-        self.sampler = EpochSampler(len(self.train_set), t.batch_size, t.seed, device=self.device)
+        self.sampler = EpochSampler(len(self.train_set), t.batch_size, t.seed, device=self.device,
+                                    max_batches=t.steps_per_epoch)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = t.epochs * self.steps_per_epoch
         self.warmup_steps = round(t.warmup_epochs * self.steps_per_epoch)
