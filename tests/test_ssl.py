@@ -126,3 +126,31 @@ def test_simclr_forward_backward_and_scale():
     base = s1(x1, x2)
     s1.loss_scale = 0.5 / 0.07
     assert s1(x1, x2).item() == pytest.approx(base.item() * 0.5 / 0.07, rel=1e-5)
+
+
+@pytest.mark.parametrize("alg", ["simclr", "mocov2", "byol"])
+def test_loss_head_runs_in_fp32_under_bf16_autocast(alg):
+    """ssl.fp32_loss: with the network in bf16 autocast, the loss head (normalisation,
+    similarities, loss) runs in fp32, as the original; without it, in bf16: the two differ."""
+    import torch.nn.functional as F
+
+    from clpoison.models import build_encoder
+    from clpoison.ssl import build_method
+
+    torch.manual_seed(0)
+    method = build_method(alg, build_encoder("resnet18", 4, "cifar")).eval()
+    v1, v2 = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32)
+    losses = {}
+    for fp32 in (True, False):
+        method.fp32_loss = fp32
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[fp32] = method(v1, v2)
+    assert losses[True].dtype == torch.float32
+    if alg == "simclr":      # the same head by hand, in fp32 outside autocast
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = method.projector(method.encoder(torch.cat([v1, v2])))
+            z = F.normalize(h.float(), dim=1)
+            ref = nt_xent_loss(z[:8], z[8:], method.temperature) * method.loss_scale
+        assert torch.equal(losses[True], ref)
+    assert losses[True].float() != losses[False].float()

@@ -52,6 +52,8 @@ class SSLConfig:
     proj_dim: int | None = None        # None: 128 (SimCLR/MoCo), 256 (BYOL)
     queue_size: int = 4096
     momentum: float | None = None      # None: 0.99 MoCo v2, 0.999 BYOL
+    fp32_loss: bool = True             # under autocast: normalisation, similarities and loss in
+                                       # fp32 (the original); false: in the autocast dtype
 
 
 def is_number(v) -> bool:

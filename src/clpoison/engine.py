@@ -143,7 +143,9 @@ def build_method(cfg: Config):
     elif s.algorithm == "byol":
         kwargs.update(proj_hidden=s.proj_hidden or 4096, proj_dim=s.proj_dim or 256,
                       momentum=s.momentum if s.momentum is not None else 0.999)
-    return _build(s.algorithm, encoder, **kwargs)
+    method = _build(s.algorithm, encoder, **kwargs)
+    method.fp32_loss = s.fp32_loss
+    return method
 
 
 def build_augment(cfg: Config, mean, std):

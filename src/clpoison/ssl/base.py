@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
@@ -28,6 +29,7 @@ class ContrastiveMethod(nn.Module):
 
     name: str = "base"
     momentum: float = 0.0                     # EMA rate of the momentum pairs
+    fp32_loss: bool = True                    # the loss head in fp32 under autocast
     momentum_buffers: tuple[str, ...] = ()    # buffers that move with the momentum networks
 
     def __init__(self, encoder: nn.Module):
@@ -39,6 +41,17 @@ class ContrastiveMethod(nn.Module):
         """Scalar loss of two batches of views. ``target_grad``: the gradient to the views also
         flows through the momentum/target branch (dual-branch poisoning); no effect without one."""
         raise NotImplementedError
+
+    def loss_precision(self, t: torch.Tensor):
+        """Context of the loss head (normalisation, similarities, loss): autocast off when
+        ``fp32_loss`` (the caller casts its inputs with :meth:`head_input`), else unchanged."""
+        if not self.fp32_loss:
+            return contextlib.nullcontext()
+        return torch.autocast(t.device.type, enabled=False)
+
+    def head_input(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in fp32 when the loss head is (a no-op for fp32 tensors)."""
+        return t.float() if self.fp32_loss else t
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, momentum copy) pairs moved by EMA in ``on_step_end``; none by default."""

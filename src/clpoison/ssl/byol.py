@@ -49,4 +49,6 @@ class BYOL(ContrastiveMethod):
         else:
             with torch.no_grad():
                 z = self.target_projector(self.target_encoder(views))
-        return 0.5 * (negative_cosine_loss(p[:n], z[n:]) + negative_cosine_loss(p[n:], z[:n]))
+        with self.loss_precision(p):
+            p, z = self.head_input(p), self.head_input(z)
+            return 0.5 * (negative_cosine_loss(p[:n], z[n:]) + negative_cosine_loss(p[n:], z[:n]))

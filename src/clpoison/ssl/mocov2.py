@@ -47,21 +47,25 @@ class MoCoV2(ContrastiveMethod):
         self._last_keys: torch.Tensor | None = None
 
     def _keys(self, view: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.key_projector(self.key_encoder(view)), dim=1)
+        h = self.key_projector(self.key_encoder(view))
+        with self.loss_precision(h):
+            return F.normalize(self.head_input(h), dim=1)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder, self.key_encoder), (self.projector, self.key_projector)]
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor,
                 target_grad: bool = False) -> torch.Tensor:
-        q = F.normalize(self.projector(self.encoder(view1)), dim=1)
+        h = self.projector(self.encoder(view1))
         if target_grad:
             k = self._keys(view2)
         else:
             with torch.no_grad():
                 k = self._keys(view2)
         self._last_keys = k.detach()
-        return self.loss_scale * info_nce_loss(q, k, self.queue.clone(), self.temperature)
+        with self.loss_precision(h):
+            q = F.normalize(self.head_input(h), dim=1)
+            return self.loss_scale * info_nce_loss(q, k, self.queue.clone(), self.temperature)
 
     @torch.no_grad()
     def on_step_end(self) -> None:

@@ -32,5 +32,7 @@ class SimCLR(ContrastiveMethod):
                 target_grad: bool = False) -> torch.Tensor:
         n = view1.shape[0]
         # One pass over both views: BN statistics over 2N images, as the original.
-        z = F.normalize(self.projector(self.encoder(torch.cat([view1, view2]))), dim=1)
-        return self.loss_scale * nt_xent_loss(z[:n], z[n:], self.temperature)
+        h = self.projector(self.encoder(torch.cat([view1, view2])))
+        with self.loss_precision(h):
+            z = F.normalize(self.head_input(h), dim=1)
+            return self.loss_scale * nt_xent_loss(z[:n], z[n:], self.temperature)
