@@ -702,3 +702,25 @@ def test_bad_mean_std():
         ContrastiveAugment(AugmentConfig(), mean=(0.5, 0.5), std=(1, 1, 1))
     with pytest.raises(ClpoisonError):
         ContrastiveAugment(AugmentConfig(), mean=(0.5, 0.5, 0.5), std=(1, 0, 1))
+
+
+@pytest.mark.parametrize("jitter_p", [0.8, 1.0])
+def test_masked_jitter_equals_grouped_jitter_bit_for_bit(jitter_p):
+    """The GPU path of the colour jitter (hue masked per sample, no group sizes read on the host)
+    gives the CPU path's views and input gradients exactly."""
+    from clpoison.augment import ContrastiveAugment
+    from clpoison.config import AugmentConfig
+
+    torch.manual_seed(0)
+    aug = ContrastiveAugment(AugmentConfig(jitter_p=jitter_p))
+    x = torch.rand(48, 3, 32, 32, requires_grad=True)
+    w = torch.randn(48, 3, 32, 32)
+    out = {}
+    for grouped in (True, False):
+        aug.grouped_jitter = grouped
+        y = aug(x, generator=torch.Generator().manual_seed(5))
+        (gx,) = torch.autograd.grad((y * w).sum(), x)
+        out[grouped] = (y.detach(), gx)
+    assert torch.equal(out[True][0], out[False][0])
+    assert torch.equal(out[True][1], out[False][1])
+    assert out[True][1].abs().sum() > 0
