@@ -687,3 +687,224 @@ def test_normalization_stats():
         (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
     assert normalization_stats("imagefolder:pets") == (IMAGENET_MEAN, (0.229, 0.224, 0.225))
     assert normalization_stats("npz:x")[0] == (0.485, 0.456, 0.406)
+
+
+# ----------------------------------------------------------------------------------------------
+# memory-mapped datasets
+# ----------------------------------------------------------------------------------------------
+
+
+def _png_folder(base: Path, per_class: int = 5, size=(40, 40), seed: int = 11) -> Path:
+    """3 classes x ``per_class`` PNGs (one grey per class) in train/, 2 per class in test/."""
+    rng = np.random.default_rng(seed)
+    for split, k in (("train", per_class), ("test", 2)):
+        for cls in CLASSES:
+            d = base / split / cls
+            d.mkdir(parents=True)
+            for i in range(k):
+                rgb = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                img = Image.fromarray(rgb[..., 0], "L") if i == 1 else Image.fromarray(rgb, "RGB")
+                img.save(d / f"img{i:02d}.png")
+    return base
+
+
+def _same_dataset(a: ImageDataset, b: ImageDataset) -> None:
+    assert (a.name, a.split, a.class_names, a.source) == (b.name, b.split, b.class_names, b.source)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert torch.equal(a.indices, b.indices) and a.fingerprint() == b.fingerprint()
+
+
+def test_memory_mapped_equals_in_memory(tmp_path):
+    import safetensors
+
+    from clpoison.data import gather_batch
+    from clpoison.data.dataset import compute_fingerprint
+
+    tree = _png_folder(tmp_path / "pets")
+    mem = load_dataset("imagefolder", "train", root=tree, cache_dir=tmp_path / "c1", memory_map=False)
+    mm = load_dataset("imagefolder", "train", root=tree, cache_dir=tmp_path / "c2", memory_map=True)
+    assert not mem.mapped_file and mm.mapped_file and "mapped_file" in repr(mm)
+    assert [p.name for p in (tmp_path / "c2" / "datasets").iterdir()] == [Path(mm.mapped_file).name]
+    assert mm.images.shape == (15, 3, 40, 40) and mm.class_names == CLASSES
+    _same_dataset(mm, mem)
+    assert compute_fingerprint(mm.name, mm.split, mm.images, mm.labels, mm.indices) == mem.fingerprint()
+    with safetensors.safe_open(mm.mapped_file, framework="pt") as f:  # a valid safetensors file
+        assert f.metadata()["fingerprint"] == mem.fingerprint()
+        assert torch.equal(f.get_tensor("images"), mem.images) and torch.equal(f.get_tensor("labels"), mem.labels)
+    # what the rest of the library does with a dataset works the same on the mapped one
+    rows = torch.tensor([14, 0, 7, 7, 3])
+    assert torch.equal(mm.images[rows], mem.images[rows])
+    assert torch.equal(gather_batch(mm.images, rows, "cpu"), mem.images[rows])
+    _same_dataset(mm.subset(rows), mem.subset(rows))
+    _same_dataset(balanced_subset(mm, 6, seed=2), balanced_subset(mem, 6, seed=2))
+    assert torch.equal(mm.class_counts(), mem.class_counts())
+    _same_dataset(mm.with_images(255 - mm.images), mem.with_images(255 - mem.images))
+    # writes go to private pages, never to the cache file
+    mm.images[0].fill_(0)
+    again = load_dataset("imagefolder", "train", root=tree, cache_dir=tmp_path / "c2", memory_map=True)
+    _same_dataset(again, mem)
+    # other sources (built in memory, then written): an .npz
+    te = load_dataset("imagefolder", "test", root=tree, cache_dir=tmp_path / "c1")
+    npz = save_npz(mem, te, tmp_path / "pets.npz")
+    _same_dataset(load_dataset("npz", "train", root=npz, cache_dir=tmp_path / "c3", memory_map=True),
+                  load_dataset("npz", "train", root=npz, cache_dir=tmp_path / "c3"))
+
+
+def test_memory_mapped_auto_threshold(tmp_path, monkeypatch):
+    from clpoison.data import loader
+
+    tree = _png_folder(tmp_path / "pets")
+    assert not load_dataset("imagefolder", "train", root=tree, cache_dir=tmp_path / "c").mapped_file
+    monkeypatch.setattr(loader, "AUTO_MAP_BYTES", 15 * 3 * 40 * 40 - 1)  # just below the train split
+    assert load_dataset("imagefolder", "train", root=tree, cache_dir=tmp_path / "c").mapped_file
+    assert not load_dataset("imagefolder", "test", root=tree, cache_dir=tmp_path / "c").mapped_file
+
+
+def test_memory_mapped_cache_reused_and_refused(tmp_path, monkeypatch):
+    from clpoison.data import folder
+    from clpoison.data.mapped import open_mapped
+
+    tree = _png_folder(tmp_path / "pets")
+    cache = tmp_path / "cache"
+
+    def load():
+        return load_dataset("imagefolder", "train", root=tree, cache_dir=cache, memory_map=True)
+
+    first = load()
+    path = Path(first.mapped_file)
+    good = path.read_bytes()
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(folder, "decode_in_blocks", no_decode)
+    monkeypatch.setattr(folder, "decode_images", no_decode)
+    _same_dataset(load(), first)  # the second load maps the cache, no decode
+    monkeypatch.undo()
+    damaged = {
+        "truncated": good[:-100],
+        "short": good[:5],
+        "header size": (10**15).to_bytes(8, "little") + good[8:],
+        "not JSON": good[:8] + b"\xff" * 20 + good[28:],
+        "pixel": good[:-50] + bytes([good[-50] ^ 0xFF]) + good[-49:],
+    }
+    for what, data in damaged.items():
+        path.write_bytes(data)
+        for opener in (load, lambda: open_mapped(path)):
+            with pytest.raises(ClpoisonError, match=r"cache .*delete it") as ei:
+                opener()
+            assert "\n" not in str(ei.value) and str(path) in str(ei.value), what
+    path.write_bytes(good[:-100])
+    with pytest.raises(ClpoisonError, match="truncated"):
+        open_mapped(path)
+    path.write_bytes(good[:-50] + bytes([good[-50] ^ 0xFF]) + good[-49:])
+    with pytest.raises(ClpoisonError, match="fingerprint"):
+        open_mapped(path)
+    assert open_mapped(path, verify=False).fingerprint() == first.fingerprint()  # trusts the header
+    other = load_dataset("imagefolder", "train", root=tree, cache_dir=tmp_path / "plain", memory_map=False)
+    [plain] = (tmp_path / "plain" / "datasets").glob("*.safetensors")
+    with pytest.raises(ClpoisonError, match="not a clpoison mapped dataset"):
+        open_mapped(plain)
+    path.write_bytes(good)
+    with pytest.raises(ClpoisonError, match="expected imagefolder:other"):
+        open_mapped(path, "imagefolder:other", "train")
+    assert other.fingerprint() == first.fingerprint()
+
+
+def test_memory_mapped_failed_decode_leaves_nothing(tmp_path, monkeypatch):
+    from clpoison.data import folder
+
+    tree = _png_folder(tmp_path / "pets")
+    read = folder._read
+
+    def flaky(f):
+        if f.name == "img03.png" and f.parent.name == "dog":
+            raise ClpoisonError(f"cannot read {f} (simulated)")
+        return read(f)
+
+    monkeypatch.setattr(folder, "_read", flaky)
+    with pytest.raises(ClpoisonError, match="simulated"):
+        load_dataset("imagefolder", "train", root=tree, cache_dir=tmp_path / "cache", memory_map=True)
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []  # no file, no temp
+
+
+def test_decode_in_blocks_matches_decode_images(tmp_path):
+    from clpoison.data.decode import decode_in_blocks
+
+    rng = np.random.default_rng(12)
+    blobs = []
+    for i in range(23):
+        buf = io.BytesIO()
+        img = Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8))
+        img.save(buf, "PNG" if i % 3 == 0 else "JPEG", **({} if i % 3 == 0 else {"quality": 80}))
+        blobs.append(buf.getvalue())
+    labels = [f"img{i}" for i in range(len(blobs))]
+    for block, workers in ((4, 1), (5, 3), (64, 2)):
+        got = list(decode_in_blocks(blobs.__getitem__, labels, block=block, workers=workers))
+        assert [s for s, _ in got] == list(range(0, 23, block))
+        assert np.array_equal(np.concatenate([x for _, x in got]), decode_images(blobs, labels))
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((12, 11, 3), np.uint8)).save(buf, "PNG")
+    odd = blobs[:8] + [buf.getvalue()] + blobs[9:]
+    with pytest.raises(ClpoisonError, match="img8 is 11x12.*img0 is 10x12"):
+        list(decode_in_blocks(odd.__getitem__, labels, block=4, workers=2))
+
+
+def test_memory_mapped_sample_poison_equals_in_memory(tmp_path):
+    from clpoison.attacks.poison import Poison, poisoned_dataset
+
+    tree = _png_folder(tmp_path / "pets")
+    mem = load_dataset("imagefolder", "train", root=tree, cache_dir=tmp_path / "c1", memory_map=False)
+    mm = load_dataset("imagefolder", "train", root=tree, cache_dir=tmp_path / "c2", memory_map=True)
+    made = [Poison.for_dataset("sample", 8 / 255, ds, generator=torch.Generator().manual_seed(3),
+                               attack="test") for ds in (mem, mm)]
+    assert torch.equal(made[0].perturbation, made[1].perturbation) and made[0].meta == made[1].meta
+    _same_dataset(made[1].poison_dataset(mm), made[0].poison_dataset(mem))
+    made[0].save(tmp_path / "p.safetensors")
+    from_file = poisoned_dataset(tmp_path / "p.safetensors", mm)   # made on the in-memory set
+    _same_dataset(from_file, poisoned_dataset(tmp_path / "p.safetensors", mem))
+    assert not torch.equal(from_file.images, mm.images)
+
+
+def _mapped_worker(rank, root, cache, out):
+    """Under a 2-process group: load the mapped split, note whether this rank decoded it."""
+    import json
+
+    from clpoison.data import folder
+
+    build = folder._decode_to_mapped
+
+    def counted(*a, **k):
+        Path(out, f"decoded{rank}").touch()
+        return build(*a, **k)
+
+    folder._decode_to_mapped = counted
+    try:
+        ds = load_dataset("imagefolder", "train", root=root, cache_dir=cache, memory_map=True)
+        result = {"fingerprint": ds.fingerprint(), "file": ds.mapped_file}
+    except ClpoisonError as e:
+        result = {"error": str(e)}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_memory_mapped_under_two_processes(tmp_path):
+    """Rank 0 decodes, the other rank maps its file; a failed decode fails every rank, in one line."""
+    import json
+
+    from tests.dist_workers import run_ranks
+
+    tree = _png_folder(tmp_path / "pets")
+    ref = load_dataset("imagefolder", "train", root=tree, cache_dir=tmp_path / "mem", memory_map=False)
+    for case in ("good", "broken"):
+        out = tmp_path / case
+        out.mkdir()
+        if case == "broken":
+            (tree / "train" / "cat" / "img02.png").write_bytes(b"not a png")
+        run_ranks(_mapped_worker, 2, str(tree), str(tmp_path / f"cache-{case}"), str(out))
+        got = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        assert sorted(p.name for p in out.glob("decoded*")) == ["decoded0"]
+        if case == "good":
+            assert got[0] == got[1] and got[0]["fingerprint"] == ref.fingerprint()
+        else:
+            assert "cannot decode image" in got[0]["error"] and "img02.png" in got[0]["error"]
+            assert "rank 0 could not build" in got[1]["error"]

@@ -96,7 +96,7 @@ def _victim_cfg(algorithm: str, **extra):
     # after 8 steps); at 0.01 by 4e-7, so a difference here is the distribution, not rounding.
     over = tiny_overrides(**{"train.batch_size": 16, "train.epochs": 3, "train.lr": 0.01,
                              "eval.random_init_floor": False, **extra})
-    return load_config("mini", None if algorithm == "supervised" else algorithm, over)
+    return load_config("mini", algorithm, over)
 
 
 def _train(algorithm, cfg, out, data, **kw):

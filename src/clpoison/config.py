@@ -34,6 +34,8 @@ class DataConfig:
     train_size: int | None = None    # class-balanced seeded subset; None = whole split
     subset_seed: int = 0
     download: bool = False           # fetch the official archive (with checksum) if missing
+    memory_map: bool | None = None   # decode once into a memory-mapped file and train from the
+                                     # host (data larger than memory); None: image folders > 4 GiB
 
 
 @dataclass

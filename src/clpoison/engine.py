@@ -117,8 +117,9 @@ def autocast(cfg: Config, device: torch.device):
 def load_data(cfg: Config):
     """(clean training subset, clean test set) as ImageDatasets, per ``cfg.data``."""
     d = cfg.data
-    train = load_dataset(d.dataset, "train", root=d.root, cache_dir=d.cache_dir, download=d.download)
-    test = load_dataset(d.dataset, "test", root=d.root, cache_dir=d.cache_dir, download=d.download)
+    kw = dict(root=d.root, cache_dir=d.cache_dir, download=d.download, memory_map=d.memory_map)
+    train = load_dataset(d.dataset, "train", **kw)
+    test = load_dataset(d.dataset, "test", **kw)
     if d.train_size is not None and d.train_size > len(train):
         raise ClpoisonError(f"data.train_size is {d.train_size} but the {d.dataset} training split "
                             f"has {len(train)} images; lower it (or leave it empty for all)")
@@ -221,6 +222,14 @@ def epoch_generator(device: torch.device, seed: int, epoch: int, stream: int = 0
     (``batch_shard``), so an image is augmented the same way whatever the number of processes."""
     return torch.Generator(device=device).manual_seed(
         (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1))
+
+
+def resident_images(dataset, device: torch.device) -> torch.Tensor:
+    """Where a loop keeps the training images: on the device as one uint8 tensor (CIFAR: 154
+    MB), or, for a memory-mapped set (data larger than memory), on the host, each batch gathered
+    into pinned memory and copied asynchronously (``data.gather_batch``). A loop builds its
+    ``EpochSampler`` on ``images.device`` so that the rows are where the gather wants them."""
+    return dataset.images if dataset.mapped_file else dataset.images.to(device)
 
 
 def batch_shard(n: int) -> tuple[int, int] | None:

@@ -30,11 +30,11 @@ from clpoison.attacks.settings import APConfig, attack_settings
 from clpoison.attacks.ue import CHECKPOINT, GENERATION_FILES, frozen_copy
 from clpoison.augment import Normalize
 from clpoison.config import Config, config_from_dict
-from clpoison.data import normalization_stats
+from clpoison.data import gather_batch, normalization_stats
 from clpoison.distributed import all_reduce_, barrier, shard_rows
 from clpoison.engine import (EpochSampler, RunLogger, default_data, epoch_generator,
-                             load_resume_state, refuse_existing_run, resume_key, save_checkpoint,
-                             setup_runtime, truncate_metrics)
+                             load_resume_state, refuse_existing_run, resident_images, resume_key,
+                             save_checkpoint, setup_runtime, truncate_metrics)
 from clpoison.engine import memory_format as channels_format
 from clpoison.train.supervised import build_crop_flip, load_classifier, train_supervised
 from clpoison.utils import rank_and_world, versions, write_json_atomic
@@ -149,12 +149,14 @@ class APGenerator:
                                          config=json.dumps(cfg.to_dict(), default=str))
         self.delta = self.poison.perturbation.to(device)
         self.row_of = self.poison.rows(train_set.labels, train_set.indices).to(device)
-        self.images, self.labels = train_set.images.to(device), train_set.labels.to(device)
+        self.images = resident_images(train_set, device)     # host when memory-mapped
+        self.labels = train_set.labels.to(device)
         mean, std = normalization_stats(cfg.data.dataset)
         self.augment = build_crop_flip(cfg, mean, std).to(device)
         self.normalize = Normalize(mean, std).to(device)
         self.batches = EpochSampler(len(train_set), cfg.train.batch_size, seed, drop_last=False,
-                                    device=device, max_batches=cfg.train.steps_per_epoch
+                                    device=self.images.device,
+                                    max_batches=cfg.train.steps_per_epoch
                                     ).global_batches(0)
         self.batch = 0
 
@@ -175,9 +177,11 @@ class APGenerator:
         t_loop = time.time()
         for b in tqdm(range(self.batch, len(self.batches)), desc=self.attack,
                       disable=not progress, dynamic_ncols=True):
-            rows, shard = shard_rows(self.batches[b].to(self.device))   # this rank's share
+            rows, shard = shard_rows(self.batches[b])                    # this rank's share
             gen = epoch_generator(self.device, self.seed, b, stream=4)
-            before, after = ap_batch(self.model, self.delta, self.images[rows].float().div_(255),
+            x = gather_batch(self.images, rows, self.device).float().div_(255)
+            rows = rows.to(self.device, non_blocking=True)
+            before, after = ap_batch(self.model, self.delta, x,
                                      self.labels[rows], self.row_of[rows], a, self.num_classes,
                                      lambda xp, g: self.view(xp, g, shard), gen,
                                      self.memory_format)

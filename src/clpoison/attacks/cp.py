@@ -42,13 +42,13 @@ from clpoison.attacks.pgd import signed_step
 from clpoison.attacks.poison import POISON_FILE, Poison, load_poison
 from clpoison.attacks.settings import CONTRASTIVE_ATTACKS, CPConfig, attack_settings, check_attack
 from clpoison.config import Config
-from clpoison.data import normalization_stats
+from clpoison.data import gather_batch, normalization_stats
 from clpoison.distributed import all_reduce_, broadcast_buffers
 from clpoison.engine import (EpochSampler, RunLogger, autocast, build_augment, build_method,
                              build_optimizer, contrastive_loss, epoch_generator, load_checkpoint,
                              load_data, load_resume_state, lr_at, memory_format, model_signature,
-                             refuse_existing_run, resume_key, save_checkpoint, setup_runtime,
-                             train_module, truncate_metrics)
+                             refuse_existing_run, resident_images, resume_key, save_checkpoint,
+                             setup_runtime, train_module, truncate_metrics)
 from clpoison.errors import ClpoisonError
 from clpoison.models.fuse import fuse_conv_bn
 from clpoison.utils import seed_everything, versions, write_json_atomic
@@ -107,7 +107,7 @@ class CPGenerator:
         self.cfg, self.a, self.device, self.seed = cfg, a, device, seed
         self.delta = poison.perturbation.to(device)
         self.row_of = poison.rows(train_set.labels, train_set.indices).to(device)  # (N,) row per image
-        self.images = train_set.images.to(device)
+        self.images = resident_images(train_set, device)     # host when memory-mapped
         self.method = build_method(cfg).to(device)
         self.fmt = memory_format(cfg, device)
         self.method = self.method.to(memory_format=self.fmt)
@@ -115,7 +115,8 @@ class CPGenerator:
         self.method, self.net = train_module(self.method, device, a.sync_bn, cfg.train.compile)
         self.augment = build_augment(cfg, *normalization_stats(cfg.data.dataset)).to(device)
         self.optimizer = build_optimizer(self.method.online_parameters(), cfg)
-        self.sampler = EpochSampler(len(train_set), cfg.train.batch_size, seed, device=device,
+        self.sampler = EpochSampler(len(train_set), cfg.train.batch_size, seed,
+                                    device=self.images.device,
                                     max_batches=cfg.train.steps_per_epoch)
         self.per_epoch = len(self.sampler)
         self.model_steps = a.model_steps if a.model_steps is not None else self.per_epoch
@@ -133,8 +134,8 @@ class CPGenerator:
 
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Clean images of ``rows`` as floats in [0, 1], and their poison rows."""
-        rows = rows.to(self.device)
-        return self.images[rows].float().div_(255), self.row_of[rows]
+        x = gather_batch(self.images, rows, self.device).float().div_(255)
+        return x, self.row_of[rows.to(self.device, non_blocking=True)]
 
     def sgd_step(self, x: torch.Tensor, lr: float, gen: torch.Generator) -> torch.Tensor:
         """One contrastive SGD step of the generator on the batch ``x`` (poisoned or clean)."""

@@ -31,11 +31,11 @@ from clpoison.attacks.poison import POISON_FILE, Poison
 from clpoison.attacks.settings import UEConfig, attack_settings, check_attack
 from clpoison.augment import Normalize
 from clpoison.config import Config
-from clpoison.data import normalization_stats
+from clpoison.data import gather_batch, normalization_stats
 from clpoison.distributed import all_reduce_, broadcast_buffers, shard_rows
 from clpoison.engine import (EpochSampler, RunLogger, build_optimizer, epoch_generator, load_data,
                              load_resume_state, refuse_existing_run, resume_key, save_checkpoint,
-                             setup_runtime, train_module, truncate_metrics)
+                             resident_images, setup_runtime, train_module, truncate_metrics)
 from clpoison.engine import memory_format as channels_format
 from clpoison.models.fuse import fuse_conv_bn
 from clpoison.train.supervised import build_classifier, build_crop_flip, supervised_step
@@ -69,7 +69,9 @@ def ue_noise_pass(model, delta, images, labels, row_of, batches, normalize_or_au
     sums = torch.zeros(3, dtype=torch.float64, device=delta.device)    # before, after, images
     for global_rows in batches:
         rows, shard = shard_rows(global_rows)
-        x, y, prow = images[rows].float().div_(255), labels[rows], row_of[rows]
+        x = gather_batch(images, rows, delta.device).float().div_(255)
+        rows = rows.to(delta.device, non_blocking=True)
+        y, prow = labels[rows], row_of[rows]
 
         def loss_fn(xp):
             return F.cross_entropy(frozen(normalize_or_augment(xp, generator, shard)
@@ -94,10 +96,12 @@ def poisoned_error(model, delta, images, labels, row_of, normalize, memory_forma
     broadcast_buffers(model)
     frozen = frozen_copy(model, memory_format)
     mine, _ = shard_rows(torch.arange(images.shape[0], device=images.device))
-    wrong = torch.zeros((), dtype=torch.long, device=images.device)
+    wrong = torch.zeros((), dtype=torch.long, device=delta.device)
     for start in range(0, mine.shape[0], batch_size):
         sl = mine[start:start + batch_size]
-        x = (images[sl].float().div_(255) + delta[row_of[sl]]).clamp(0, 1)
+        x = gather_batch(images, sl, delta.device).float().div_(255)
+        sl = sl.to(delta.device, non_blocking=True)
+        x = (x + delta[row_of[sl]]).clamp(0, 1)
         wrong += (frozen(normalize(x).contiguous(memory_format=memory_format)).argmax(1)
                   != labels[sl]).sum()
     return all_reduce_(wrong).item() / max(1, images.shape[0])
@@ -159,7 +163,8 @@ class UEGenerator:
                                          config=json.dumps(cfg.to_dict(), default=str))
         self.delta = self.poison.perturbation.to(device)
         self.row_of = self.poison.rows(train_set.labels, train_set.indices).to(device)
-        self.images, self.labels = train_set.images.to(device), train_set.labels.to(device)
+        self.images = resident_images(train_set, device)     # host when memory-mapped
+        self.labels = train_set.labels.to(device)
         self.model = build_classifier(cfg, train_set.num_classes).to(device)
         self.memory_format = channels_format(cfg, device)
         self.model = self.model.to(memory_format=self.memory_format)
@@ -170,9 +175,10 @@ class UEGenerator:
         self.optimizer = build_optimizer(self.model.parameters(), cfg)
         batch_size = cfg.train.batch_size
         limit = cfg.train.steps_per_epoch
-        self.sampler = EpochSampler(len(train_set), batch_size, seed, device=device, max_batches=limit)
+        at = self.images.device
+        self.sampler = EpochSampler(len(train_set), batch_size, seed, device=at, max_batches=limit)
         self.noise_sampler = EpochSampler(len(train_set), batch_size, seed + 1, drop_last=False,
-                                          device=device, max_batches=limit)
+                                          device=at, max_batches=limit)
         self.round, self.model_step = 0, 0
 
     def state(self) -> dict:
@@ -221,8 +227,10 @@ class UEGenerator:
         m_loss = torch.zeros((), dtype=torch.float64, device=device)
         for _ in range(a.model_steps):
             epoch, b = divmod(self.model_step, len(self.sampler))
-            rows = self.sampler.batches(epoch)[b].to(device)
-            x = (self.images[rows].float().div_(255) + self.delta[self.row_of[rows]]).clamp_(0, 1)
+            rows = self.sampler.batches(epoch)[b]
+            x = gather_batch(self.images, rows, device).float().div_(255)
+            rows = rows.to(device, non_blocking=True)
+            x = (x + self.delta[self.row_of[rows]]).clamp_(0, 1)
             gen = epoch_generator(device, self.seed, self.model_step, stream=1)
             loss = supervised_step(self.net, self.augment, x, self.labels[rows], gen,
                                    self.memory_format)
@@ -243,7 +251,7 @@ class UEGenerator:
         """Round ``r``'s pass of error-minimising steps over the whole training set."""
         a = self.a
         gen = epoch_generator(self.device, self.seed, r, stream=2)
-        batches = [rows.to(self.device) for rows in self.noise_sampler.global_batches(r)]
+        batches = self.noise_sampler.global_batches(r)
         return ue_noise_pass(self.model, self.delta, self.images, self.labels, self.row_of,
                              batches, self.noise_view, a.step_size * a.epsilon, a.epsilon,
                              a.pgd_steps, gen, self.memory_format, a.kind)

@@ -67,12 +67,19 @@ OFFLINE_META = "batches.meta"
 
 @dataclass
 class Plan:
-    """What a load will read (for the cache key) and how to build the dataset if not cached."""
+    """What a load will read (for the cache key) and how to build the dataset if not cached.
+
+    ``build_mapped(path)``, where a source has one, decodes straight into a memory-mapped cache
+    file at ``path`` without holding the split in memory; ``decoded_bytes`` is the size of the
+    decoded split when it is known cheaply (it decides ``memory_map=None``).
+    """
 
     name: str
     files: list[Path]
     build: Callable[[], ImageDataset]
     extra: str = ""
+    build_mapped: Callable[[Path], None] | None = None
+    decoded_bytes: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The one in-memory dataset type every loader returns: ``ImageDataset``."""
+"""The one dataset type every loader returns: ``ImageDataset`` (in memory or memory-mapped)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ class ImageDataset:
     the position of each sample in the *full* split, so a subset still knows which original
     samples it holds. The tensors are treated as immutable: ``fingerprint()`` is cached after
     the first call, so build a new dataset instead of editing pixels in place.
+
+    ``mapped_file`` names the cache file ``images`` is a memory-mapped view of (``load_dataset(...,
+    memory_map=True)``; copy-on-write, pages read from disk on use), empty when the images are in
+    memory. ``subset`` and ``with_images`` return in-memory datasets.
     """
 
     name: str
@@ -30,6 +34,7 @@ class ImageDataset:
     indices: torch.Tensor
     class_names: list[str]
     source: str = ""
+    mapped_file: str = ""
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -76,7 +81,8 @@ class ImageDataset:
     def __repr__(self) -> str:  # the default would print the tensors
         h, w = self.image_size
         return (f"ImageDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, size={h}x{w}, "
-                f"classes={self.num_classes}, source={self.source!r})")
+                f"classes={self.num_classes}, source={self.source!r}"
+                + (f", mapped_file={self.mapped_file!r})" if self.mapped_file else ")"))
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -134,19 +140,32 @@ class ImageDataset:
         return torch.bincount(self.labels, minlength=self.num_classes)
 
 
-def compute_fingerprint(name: str, split: str, images: torch.Tensor, labels: torch.Tensor,
-                        indices: torch.Tensor) -> str:
+def fingerprint_start(name: str, split: str, images_shape, labels_shape, indices_shape):
+    """A sha256 fed with everything before the pixels; feed it the pixel bytes (uint8, (N, 3, H,
+    W) order, in any number of pieces), then :func:`fingerprint_end`. Lets a fingerprint be
+    computed while images stream to or from disk, equal to :func:`compute_fingerprint`."""
     h = hashlib.sha256()
-    header = {"name": name, "split": split, "images": list(images.shape),
-              "labels": list(labels.shape), "indices": list(indices.shape)}
+    header = {"name": name, "split": split, "images": list(images_shape),
+              "labels": list(labels_shape), "indices": list(indices_shape)}
     h.update(json.dumps(header, sort_keys=True).encode())
     h.update(b"\0images\0")
-    h.update(memoryview(images.contiguous().numpy()).cast("B"))
+    return h
+
+
+def fingerprint_end(h, labels: torch.Tensor, indices: torch.Tensor) -> str:
+    """Finish a :func:`fingerprint_start` hash with the labels and indices: 16 hex chars."""
     h.update(b"\0labels\0")
     h.update(memoryview(labels.to(torch.int64).contiguous().numpy()).cast("B"))
     h.update(b"\0indices\0")
     h.update(memoryview(indices.to(torch.int64).contiguous().numpy()).cast("B"))
     return h.hexdigest()[:16]
+
+
+def compute_fingerprint(name: str, split: str, images: torch.Tensor, labels: torch.Tensor,
+                        indices: torch.Tensor) -> str:
+    h = fingerprint_start(name, split, images.shape, labels.shape, indices.shape)
+    h.update(memoryview(images.contiguous().numpy()).cast("B"))
+    return fingerprint_end(h, labels, indices)
 
 
 def balanced_subset(ds: ImageDataset, size: int, seed: int) -> ImageDataset:

@@ -11,8 +11,11 @@ Both paths produce identical pixels (same decoder, same settings).
 from __future__ import annotations
 
 import io
+import os
 import warnings
-from typing import Sequence
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -96,16 +99,20 @@ def _size_error(label: str, got: tuple[int, int], ref_label: str, ref: tuple[int
                          "resize or remove the odd images")
 
 
-def decode_images(blobs: Sequence[bytes], labels: Sequence[str], fast: bool = True) -> np.ndarray:
+def decode_images(blobs: Sequence[bytes], labels: Sequence[str], fast: bool = True,
+                  like: tuple[str, tuple[int, int]] | None = None) -> np.ndarray:
     """Decode encoded images to one ``(N, H, W, 3)`` uint8 RGB array (all must share one size).
 
-    ``labels`` name each blob (file/member path) for error messages.
+    ``labels`` name each blob (file/member path) for error messages. ``like``: ``(label, (H,
+    W))`` of an image decoded earlier that these must also match (blocks of one dataset).
     """
     n = len(blobs)
     if n == 0:
         raise ClpoisonError("no images to decode")
     first = decode_one(blobs[0], labels[0])
     h, w = first.shape[:2]
+    if like is not None and (h, w) != tuple(like[1]):
+        raise _size_error(labels[0], (h, w), like[0], like[1])
     out = np.empty((n, h, w, 3), dtype=np.uint8)
     out[0] = first
 
@@ -141,3 +148,46 @@ def decode_images(blobs: Sequence[bytes], labels: Sequence[str], fast: bool = Tr
             raise _size_error(labels[j], img.shape[:2], labels[0], (h, w))
         out[j] = img
     return out
+
+
+def default_workers() -> int:
+    """Threads for decoding: the CPUs this process may use, at most 8 (Pillow releases the GIL)."""
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not on Linux
+        return max(1, min(8, os.cpu_count() or 1))
+
+
+def decode_in_blocks(read: Callable[[int], bytes], labels: Sequence[str], block: int = 128,
+                     workers: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode images ``0 .. len(labels) - 1`` in order, ``block`` at a time, yielding ``(start,
+    (k, H, W, 3) uint8)``; every image must have the first one's size.
+
+    ``read(i)`` returns the encoded bytes of image ``i`` (``labels[i]`` names it in errors). With
+    ``workers`` > 1, blocks are read and decoded in threads, at most ``2 * workers`` ahead of the
+    consumer, so memory stays bounded by that window whatever the number of images. Pixels equal
+    ``decode_images`` on all the blobs at once.
+    """
+    n, workers = len(labels), max(1, workers)
+    if n == 0:
+        raise ClpoisonError("no images to decode")
+
+    def job(start: int, like: tuple[str, tuple[int, int]]) -> np.ndarray:
+        stop = min(start + block, n)
+        return decode_images([read(i) for i in range(start, stop)], labels[start:stop], like=like)
+
+    like = (labels[0], decode_one(read(0), labels[0]).shape[:2])  # the size every block must have
+    starts = iter(range(0, n, block))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        ahead = range(2 * workers)   # first in zip: no start is drawn and dropped
+        pending = deque((s, pool.submit(job, s, like)) for _, s in zip(ahead, starts))
+        while pending:
+            start, future = pending.popleft()
+            hwc = future.result()
+            nxt = next(starts, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(job, nxt, like)))
+            yield start, hwc
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from clpoison.data.archive import read_tar
 from clpoison.data.cifar import Plan
 from clpoison.data.dataset import SPLITS, ImageDataset
-from clpoison.data.decode import decode_images
+from clpoison.data.decode import decode_images, decode_in_blocks, default_workers
+from clpoison.data.mapped import MappedWriter
 from clpoison.errors import ClpoisonError
 from clpoison.utils import atomic_path
 
@@ -80,19 +84,19 @@ def plan_imagefolder(root: Path, split: str) -> Plan:
                     rel.append(fn if reldir == "." else f"{reldir}/{fn}")
         classes, items = _layout(rel, split, str(root))
         files = [root / p for p, _ in items]
+        labels = [lab for _, lab in items]
 
         def build() -> ImageDataset:
-            blobs = []
-            for f in files:
-                try:
-                    blobs.append(f.read_bytes())
-                except OSError as e:
-                    raise ClpoisonError(f"cannot read {f} ({e}); check its permissions") from None
-            return _finish(name, split, blobs, [str(f) for f in files], [lab for _, lab in items], classes,
+            blobs = [_read(f) for f in files]
+            return _finish(name, split, blobs, [str(f) for f in files], labels, classes,
                            f"image folder {root}")
 
+        def build_mapped(path: Path) -> None:
+            _decode_to_mapped(path, name, split, files, labels, classes, f"image folder {root}")
+
         # classes come from both splits: a class added to the other split changes this one's labels
-        return Plan(name, files, build, extra="pillow;classes=" + "/".join(classes))
+        return Plan(name, files, build, extra="pillow;classes=" + "/".join(classes),
+                    build_mapped=build_mapped, decoded_bytes=_decoded_bytes(files))
     if root.name.lower().endswith(_TAR_SUFFIXES):
         hint = f"re-create the archive (tar czf {root.name} <folder>) with {_LAYOUT}"
 
@@ -109,6 +113,51 @@ def plan_imagefolder(root: Path, split: str) -> Plan:
         return Plan(name, [root], build_tar, extra="pillow")
     raise ClpoisonError(f"{root} is neither a folder nor a .tar.gz/.tgz/.tar archive; pass a folder or archive "
                         f"holding {_LAYOUT}")
+
+
+def _read(f: Path) -> bytes:
+    try:
+        return f.read_bytes()
+    except OSError as e:
+        raise ClpoisonError(f"cannot read {f} ({e}); check its permissions") from None
+
+
+def _decoded_bytes(files: list[Path]) -> int | None:
+    """Bytes of the decoded split, from the first image's header (None if unreadable: the decode
+    then reports the problem)."""
+    try:
+        with Image.open(files[0]) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - Pillow raises many types for bad files
+        return None
+    return 3 * h * w * len(files)
+
+
+def _decode_to_mapped(path: Path, name: str, split: str, files: list[Path], labels: list[int],
+                      classes: list[str], source: str, workers: int | None = None) -> None:
+    """Decode ``files`` block by block (threads, bounded read-ahead) into a mapped cache file at
+    ``path``, written atomically, with a progress bar; the split is never whole in memory."""
+    blocks = decode_in_blocks(lambda i: _read(files[i]), [str(f) for f in files],
+                              workers=workers or default_workers())
+    bar = tqdm(total=len(files), desc=f"decoding {name} ({split})", unit="img", disable=None,
+               dynamic_ncols=True)
+    try:
+        first = next(blocks)  # the first block's image size shapes the file
+        n, (h, w) = len(files), first[1].shape[1:3]
+        with atomic_path(path) as tmp, MappedWriter(tmp, name, split, (n, 3, h, w),
+                                                    torch.tensor(labels, dtype=torch.int64),
+                                                    torch.arange(n, dtype=torch.int64), classes,
+                                                    source) as out:
+            for start, hwc in itertools.chain([first], blocks):
+                out.write(start, hwc.transpose(0, 3, 1, 2))
+                bar.update(len(hwc))
+            out.finish()
+    except OSError as e:
+        raise ClpoisonError(f"cannot write the memory-mapped cache {path} ({e}); point "
+                            f"CLPOISON_CACHE (data.cache_dir) at a writable folder with room") from None
+    finally:
+        bar.close()
+        blocks.close()
 
 
 def _finish(name: str, split: str, blobs: list[bytes], labels_for_errors: list[str], labels: list[int],

@@ -28,7 +28,8 @@ from clpoison.distributed import all_reduce_, barrier, broadcast_buffers
 from clpoison.engine import (EpochSampler, RunLogger, batch_shard, check_signature, end_of_epoch,
                              epoch_generator, load_checkpoint, load_resume_state, lr_at,
                              model_signature, refuse_existing_run, resume_key, save_checkpoint,
-                             setup_runtime, train_module, truncate_metrics, victim_inputs)
+                             resident_images, setup_runtime, train_module, truncate_metrics,
+                             victim_inputs)
 from clpoison.utils import versions, write_json_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -58,7 +59,7 @@ class VictimLoop:
         (self.train_set, self.probe_set, self.test_set, self.mean, self.std,
          self.adversarial) = victim_inputs(cfg, train_set, probe_set, test_set,   # offline defenses
                                            need_probe=self.need_probe)
-        self.images = self.train_set.images.to(self.device)
+        self.images = resident_images(self.train_set, self.device)
         # Only now, with the inputs validated, does the run folder appear (no debris on bad input).
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log = RunLogger(self.out_dir, quiet=not progress)
@@ -88,7 +89,7 @@ class VictimLoop:
     def schedule(self) -> None:
         """The seeded batch order and the warm-up + cosine learning-rate schedule."""
         t = self.cfg.train
-        self.sampler = EpochSampler(len(self.train_set), t.batch_size, t.seed, device=self.device,
+        self.sampler = EpochSampler(len(self.train_set), t.batch_size, t.seed, device=self.images.device,
                                     max_batches=t.steps_per_epoch)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = t.epochs * self.steps_per_epoch
@@ -148,7 +149,7 @@ class VictimLoop:
             lr = lr_at(step, self.total_steps, self.warmup_steps, t.lr, t.min_lr_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss = self.train_step(rows.to(self.device), generator, step)
+            loss = self.train_step(rows, generator, step)
             loss_sum += loss.detach().float()
             step += 1
         return (all_reduce_(loss_sum, mean=True) / self.steps_per_epoch).item(), lr

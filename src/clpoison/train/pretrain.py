@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from clpoison.config import Config
+from clpoison.data import gather_batch
 from clpoison.defenses import defended_augment
 from clpoison.engine import (autocast, build_augment, build_method, build_optimizer,
                              contrastive_loss)
@@ -99,7 +100,7 @@ class ContrastiveVictim(VictimLoop):
     def train_step(self, rows: torch.Tensor, generator: torch.Generator,
                    step: int) -> torch.Tensor:
         """One SGD step on the training images ``rows``; returns the loss (before the step)."""
-        x = self.images[rows].float().div_(255)
+        x = gather_batch(self.images, rows, self.device).float().div_(255)
         x = self.adversarial_views(lambda xp: self.loss(xp, generator, self.model), x, generator,
                                    step)
         loss = self.loss(x, generator)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from clpoison.augment import CropFlipAugment
 from clpoison.config import Config
 from clpoison.defenses import defended_augment
+from clpoison.data import gather_batch
 from clpoison.engine import (autocast, batch_shard, build_optimizer, check_signature,
                              load_checkpoint)
 from clpoison.engine import memory_format as channels_format
@@ -132,7 +133,8 @@ class SupervisedVictim(VictimLoop):
     def train_step(self, rows: torch.Tensor, generator: torch.Generator,
                    step: int) -> torch.Tensor:
         """One SGD step on the training images ``rows``; returns the loss (before the step)."""
-        x, y = self.images[rows].float().div_(255), self.labels[rows]
+        x = gather_batch(self.images, rows, self.device).float().div_(255)
+        y = self.labels[rows.to(self.device, non_blocking=True)]
         x = self.adversarial_views(lambda xp: self.loss(xp, y, generator, self.model), x,
                                    generator, step)
         loss = self.loss(x, y, generator)
