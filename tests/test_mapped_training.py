@@ -51,3 +51,24 @@ def test_cps_poison_from_a_mapped_set_equals_the_in_memory_one(mapped_pair, tmp_
     p2 = generate_cp(cfg, tmp_path / "mapped", attack="cp-s", train_set=mapped, progress=False)
     assert torch.equal(p1.perturbation, p2.perturbation)
     assert (p1.perturbation != 0).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("attack", ["ue-s", "ap"])
+def test_supervised_poisons_from_a_mapped_set_equal_the_in_memory_ones(attack, mapped_pair, tmp_path):
+    """UE-S and AP with the images and the sample-wise poison on the host (a mapped set) make the
+    in-memory poison."""
+    from clpoison.attacks import generate_poison
+
+    train, mapped, test = mapped_pair
+    cfg = load_config("mini", "supervised", tiny_overrides(**{
+        "train.batch_size": 16, "train.epochs": 1, "attack.ue-s.max_rounds": 1,
+        "attack.ue-s.model_steps": 2, "attack.ue-s.pgd_steps": 2, "attack.ap.pgd_steps": 2,
+        "attack.ap.craft_epochs": 1}))
+    poisons = []
+    for name, data in (("memory", train), ("mapped", mapped)):
+        out = tmp_path / name
+        generate_poison(attack, cfg, out, train_set=data, test_set=test, progress=False)
+        from clpoison.attacks.poison import load_poison
+        poisons.append(load_poison(out / "poison.safetensors").perturbation)
+    assert torch.equal(poisons[0], poisons[1])
+    assert (poisons[0] != 0).float().mean() > 0.1

@@ -61,12 +61,12 @@ def ap_batch(model, delta, x, y, prow, a: APConfig, num_classes, view, generator
                                labels)
 
     with torch.no_grad():
-        before = loss_fn((x + delta[prow]).clamp(0, 1), y)
+        before = loss_fn((x + gather_batch(delta, prow, x.device)).clamp(0, 1), y)
     for _ in range(a.pgd_steps):
         signed_step(loss_fn, delta, x, prow, a.step_size * a.epsilon, a.epsilon,
                     descend=a.targeted, kind="sample")
     with torch.no_grad():
-        after = loss_fn((x + delta[prow]).clamp(0, 1), y)
+        after = loss_fn((x + gather_batch(delta, prow, x.device)).clamp(0, 1), y)
     # Under torchrun: the mean over the global batch (shards of any size).
     n = torch.tensor(float(len(y)), dtype=torch.float64, device=x.device)
     sums = all_reduce_(torch.stack([before.double().nan_to_num() * n,      # an empty shard: 0
@@ -147,9 +147,9 @@ class APGenerator:
                                          attack=attack, algorithm="supervised",
                                          targeted=a.targeted,
                                          config=json.dumps(cfg.to_dict(), default=str))
-        self.delta = self.poison.perturbation.to(device)
-        self.row_of = self.poison.rows(train_set.labels, train_set.indices).to(device)
         self.images = resident_images(train_set, device)     # host when memory-mapped
+        self.delta = self.poison.perturbation.to(self.images.device)     # beside the images
+        self.row_of = self.poison.rows(train_set.labels, train_set.indices).to(self.images.device)
         self.labels = train_set.labels.to(device)
         mean, std = normalization_stats(cfg.data.dataset)
         self.augment = build_crop_flip(cfg, mean, std).to(device)
@@ -168,7 +168,7 @@ class APGenerator:
         return self.normalize(xp)
 
     def load(self, state: dict) -> None:
-        self.delta.copy_(state["delta"].to(self.device))
+        self.delta.copy_(state["delta"].to(self.delta.device))
         self.batch = int(state["batch"])
 
     def run(self, out_dir: Path, progress: bool, ckpt_path: Path) -> None:
@@ -180,9 +180,10 @@ class APGenerator:
             rows, shard = shard_rows(self.batches[b])                    # this rank's share
             gen = epoch_generator(self.device, self.seed, b, stream=4)
             x = gather_batch(self.images, rows, self.device).float().div_(255)
+            prow = self.row_of[rows]
             rows = rows.to(self.device, non_blocking=True)
             before, after = ap_batch(self.model, self.delta, x,
-                                     self.labels[rows], self.row_of[rows], a, self.num_classes,
+                                     self.labels[rows], prow, a, self.num_classes,
                                      lambda xp, g: self.view(xp, g, shard), gen,
                                      self.memory_format)
             self.batch = b + 1

@@ -105,9 +105,10 @@ class CPGenerator:
 
     def __init__(self, cfg: Config, a: CPConfig, train_set, poison: Poison, device, seed: int):
         self.cfg, self.a, self.device, self.seed = cfg, a, device, seed
-        self.delta = poison.perturbation.to(device)
-        self.row_of = poison.rows(train_set.labels, train_set.indices).to(device)  # (N,) row per image
         self.images = resident_images(train_set, device)     # host when memory-mapped
+        # a sample-wise poison stays beside the images (on the host for a memory-mapped set)
+        self.delta = poison.perturbation.to(self.images.device if a.kind == "sample" else device)
+        self.row_of = poison.rows(train_set.labels, train_set.indices).to(self.delta.device)
         self.method = build_method(cfg).to(device)
         self.fmt = memory_format(cfg, device)
         self.method = self.method.to(memory_format=self.fmt)
@@ -135,7 +136,11 @@ class CPGenerator:
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Clean images of ``rows`` as floats in [0, 1], and their poison rows."""
         x = gather_batch(self.images, rows, self.device).float().div_(255)
-        return x, self.row_of[rows.to(self.device, non_blocking=True)]
+        return x, self.row_of[rows.to(self.row_of.device, non_blocking=True)]
+
+    def poisoned(self, x: torch.Tensor, prow: torch.Tensor) -> torch.Tensor:
+        """clamp(x + delta[prow], 0, 1), the poison rows brought to ``x``'s device."""
+        return (x + gather_batch(self.delta, prow, x.device)).clamp_(0, 1)
 
     def sgd_step(self, x: torch.Tensor, lr: float, gen: torch.Generator) -> torch.Tensor:
         """One contrastive SGD step of the generator on the batch ``x`` (poisoned or clean)."""
@@ -168,7 +173,7 @@ class CPGenerator:
             epoch, b = divmod(self.model_step, self.per_epoch)
             x, prow = self.batch(self.sampler.batches(epoch)[b])
             if poisoned:
-                x = (x + self.delta[prow]).clamp_(0, 1)
+                x = self.poisoned(x, prow)
             gen = epoch_generator(self.device, self.seed, self.model_step, stream=1)
             loss = self.sgd_step(x, lr_fn(self.model_step), gen)
             loss_sum += loss.detach().float()
@@ -220,7 +225,7 @@ class CPGenerator:
         broadcast_buffers(self.method)
         x, prow = self.batch(self.sampler.batches(PROBE_EPOCH)[0])
         losses = []
-        for xin in (x, (x + self.delta[prow]).clamp(0, 1)):
+        for xin in (x, self.poisoned(x, prow)):
             gen = epoch_generator(self.device, self.seed, 0, stream=3)   # replayed: identical views
             loss = contrastive_loss(self.method, self.augment, xin, gen, self.fmt, self.amp())
             losses.append(all_reduce_(loss.detach().float(), mean=True).item())
@@ -239,7 +244,7 @@ class CPGenerator:
         """Continue from a checkpoint of :meth:`state_dict`; returns the rounds done."""
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.delta.copy_(state["delta"].to(self.device))
+        self.delta.copy_(state["delta"].to(self.delta.device))
         self.model_step = int(state["model_step"])
         return int(state["round"])
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from clpoison.data import gather_batch
 from clpoison.distributed import all_gather_rows, all_reduce_
 from clpoison.errors import ClpoisonError
 
@@ -35,19 +36,20 @@ def signed_step(loss_fn: LossFn, delta: torch.Tensor,
     onto |delta| <= epsilon.
 
     ``kind="sample"``: one row per image (distinct in a batch); the leaf is the batch's (B, C, H,
-    W) rows. Under torchrun each rank steps the rows of its shard and the updated rows are
+    W) rows, gathered to ``x``'s device when ``delta`` lives on the host (``prow`` then on the
+    host too) and written back there. Under torchrun each rank steps the rows of its shard and the updated rows are
     all-gathered, so every rank holds the whole poison. ``kind="class"``: rows shared by the
     images of a class; the leaf is the whole (K, C, H, W) class poison, its gradient summed over
     the batch and all-reduced over ranks before the sign.
     """
     direction = -step if descend else step
-    if kind == "sample":
-        leaf = delta[prow].clone().requires_grad_(True)               # (B, C, H, W)
+    if kind == "sample":      # delta may live on the host (data larger than memory): rows travel
+        leaf = gather_batch(delta, prow, x.device).clone().requires_grad_(True)   # (B, C, H, W)
         loss = loss_fn((x + leaf).clamp(0, 1))
         (grad,) = torch.autograd.grad(loss, leaf)
         rows, new = all_gather_rows(prow, (leaf.detach() + direction * grad.sign()
                                            ).clamp_(-epsilon, epsilon))
-        delta[rows] = new
+        delta[rows.to(delta.device)] = new.to(delta.device)
     elif kind == "class":
         leaf = delta.clone().requires_grad_(True)                      # (K, C, H, W)
         loss = loss_fn((x + leaf[prow]).clamp(0, 1))

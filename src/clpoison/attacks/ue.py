@@ -66,12 +66,12 @@ def ue_noise_pass(model, delta, images, labels, row_of, batches, normalize_or_au
     shard)`` makes the views."""
     broadcast_buffers(model)      # BN not synchronised: rank 0's running statistics on every rank
     frozen = frozen_copy(model, memory_format)
-    sums = torch.zeros(3, dtype=torch.float64, device=delta.device)    # before, after, images
+    sums = torch.zeros(3, dtype=torch.float64, device=labels.device)   # before, after, images
     for global_rows in batches:
         rows, shard = shard_rows(global_rows)
-        x = gather_batch(images, rows, delta.device).float().div_(255)
-        rows = rows.to(delta.device, non_blocking=True)
-        y, prow = labels[rows], row_of[rows]
+        x = gather_batch(images, rows, labels.device).float().div_(255)
+        y = labels[rows.to(labels.device, non_blocking=True)]
+        prow = row_of[rows.to(row_of.device, non_blocking=True)]
 
         def loss_fn(xp):
             return F.cross_entropy(frozen(normalize_or_augment(xp, generator, shard)
@@ -82,7 +82,8 @@ def ue_noise_pass(model, delta, images, labels, row_of, batches, normalize_or_au
             if s == 0:
                 sums[0] += loss.double().nan_to_num() * len(rows)    # an empty shard: nothing
         with torch.no_grad():
-            sums[1] += loss_fn((x + delta[prow]).clamp(0, 1)).double().nan_to_num() * len(rows)
+            sums[1] += loss_fn((x + gather_batch(delta, prow, x.device)).clamp(0, 1)
+                               ).double().nan_to_num() * len(rows)
         sums[2] += len(rows)
     before, after, n = all_reduce_(sums).tolist()
     return before / max(1, n), after / max(1, n)
@@ -96,12 +97,13 @@ def poisoned_error(model, delta, images, labels, row_of, normalize, memory_forma
     broadcast_buffers(model)
     frozen = frozen_copy(model, memory_format)
     mine, _ = shard_rows(torch.arange(images.shape[0], device=images.device))
-    wrong = torch.zeros((), dtype=torch.long, device=delta.device)
+    wrong = torch.zeros((), dtype=torch.long, device=labels.device)
     for start in range(0, mine.shape[0], batch_size):
         sl = mine[start:start + batch_size]
-        x = gather_batch(images, sl, delta.device).float().div_(255)
-        sl = sl.to(delta.device, non_blocking=True)
-        x = (x + delta[row_of[sl]]).clamp(0, 1)
+        x = gather_batch(images, sl, labels.device).float().div_(255)
+        prow = row_of[sl.to(row_of.device, non_blocking=True)]
+        x = (x + gather_batch(delta, prow, x.device)).clamp(0, 1)
+        sl = sl.to(labels.device, non_blocking=True)
         wrong += (frozen(normalize(x).contiguous(memory_format=memory_format)).argmax(1)
                   != labels[sl]).sum()
     return all_reduce_(wrong).item() / max(1, images.shape[0])
@@ -161,9 +163,10 @@ class UEGenerator:
                                          generator=torch.Generator().manual_seed(seed),
                                          attack=attack, algorithm="supervised",
                                          config=json.dumps(cfg.to_dict(), default=str))
-        self.delta = self.poison.perturbation.to(device)
-        self.row_of = self.poison.rows(train_set.labels, train_set.indices).to(device)
         self.images = resident_images(train_set, device)     # host when memory-mapped
+        # a sample-wise poison stays beside the images (on the host for a memory-mapped set)
+        self.delta = self.poison.perturbation.to(self.images.device if a.kind == "sample" else device)
+        self.row_of = self.poison.rows(train_set.labels, train_set.indices).to(self.delta.device)
         self.labels = train_set.labels.to(device)
         self.model = build_classifier(cfg, train_set.num_classes).to(device)
         self.memory_format = channels_format(cfg, device)
@@ -190,7 +193,7 @@ class UEGenerator:
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.delta.copy_(state["delta"].to(self.device))
+        self.delta.copy_(state["delta"].to(self.delta.device))
         self.round, self.model_step = int(state["round"]), int(state["model_step"])
 
     def run(self, log: RunLogger, progress: bool, ckpt_path: Path) -> float:
@@ -229,8 +232,9 @@ class UEGenerator:
             epoch, b = divmod(self.model_step, len(self.sampler))
             rows = self.sampler.batches(epoch)[b]
             x = gather_batch(self.images, rows, device).float().div_(255)
+            prow = self.row_of[rows.to(self.row_of.device, non_blocking=True)]
+            x = (x + gather_batch(self.delta, prow, device)).clamp_(0, 1)
             rows = rows.to(device, non_blocking=True)
-            x = (x + self.delta[self.row_of[rows]]).clamp_(0, 1)
             gen = epoch_generator(device, self.seed, self.model_step, stream=1)
             loss = supervised_step(self.net, self.augment, x, self.labels[rows], gen,
                                    self.memory_format)
