@@ -72,3 +72,19 @@ def test_supervised_poisons_from_a_mapped_set_equal_the_in_memory_ones(attack, m
         poisons.append(load_poison(out / "poison.safetensors").perturbation)
     assert torch.equal(poisons[0], poisons[1])
     assert (poisons[0] != 0).float().mean() > 0.1
+
+
+def test_a_mapped_set_is_poisoned_into_a_mapped_file(mapped_pair, tmp_path):
+    """poisoned_dataset of a memory-mapped set writes the poisoned copy as a mapped file beside it
+    (reused on the next call), equal to the poisoned in-memory set."""
+    from clpoison.attacks.poison import Poison
+
+    train, mapped, _ = mapped_pair
+    poison = Poison.for_dataset("sample", 8 / 255, train, generator=torch.Generator().manual_seed(3))
+    in_memory = poison.poison_dataset(train)
+    on_disk = poison.poison_dataset(mapped)
+    assert on_disk.mapped_file and on_disk.mapped_file != mapped.mapped_file
+    assert torch.equal(on_disk.images, in_memory.images)
+    assert on_disk.fingerprint() == in_memory.fingerprint() != train.fingerprint()
+    again = poison.poison_dataset(mapped)
+    assert again.mapped_file == on_disk.mapped_file

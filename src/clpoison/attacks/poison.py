@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -25,8 +26,10 @@ from pathlib import Path
 import torch
 
 from clpoison.config import config_from_dict
+from clpoison.data.mapped import MappedWriter, open_mapped
+from clpoison.distributed import barrier
 from clpoison.errors import ClpoisonError
-from clpoison.utils import atomic_path, versions
+from clpoison.utils import atomic_path, rank_and_world, versions
 
 POISON_FILE = "poison.safetensors"   # the poison inside a generation run's folder
 
@@ -114,14 +117,47 @@ class Poison:
         bound still holds after quantisation, then to the valid range [0, 255].
         """
         check_dataset(self, dataset)
+        source = f"{dataset.source} + poison {self.meta.get('attack', '')}".strip()
+        if dataset.mapped_file:
+            return self._poison_mapped(dataset, source)
+        out = torch.empty_like(dataset.images)
+        for sl, block in self._poisoned_blocks(dataset):
+            out[sl] = block
+        return dataset.with_images(out, source=source)
+
+    def _poisoned_blocks(self, dataset, rows_per_block: int = 4096):
+        """(slice, uint8 block) of the poisoned images, in order: bounded memory on any size."""
         m = max_uint8_step(self.epsilon)
         rows = self.rows(dataset.labels, dataset.indices)
-        out = torch.empty_like(dataset.images)
-        for start in range(0, len(dataset), 4096):  # chunks: bounded memory on 50k images
-            sl = slice(start, start + 4096)
+        for start in range(0, len(dataset), rows_per_block):
+            sl = slice(start, start + rows_per_block)
             step = torch.round(self.perturbation[rows[sl]] * 255).clamp_(-m, m).to(torch.int16)
-            out[sl] = (dataset.images[sl].to(torch.int16) + step).clamp_(0, 255).to(torch.uint8)
-        return dataset.with_images(out, source=f"{dataset.source} + poison {self.meta.get('attack', '')}".strip())
+            yield sl, (dataset.images[sl].to(torch.int16) + step).clamp_(0, 255).to(torch.uint8)
+
+    def _poison_mapped(self, dataset, source: str):
+        """A memory-mapped set poisoned into a memory-mapped file beside it (kept: a second victim
+        of the same poison maps it again), written block by block; rank 0 writes under torchrun."""
+        clean = Path(dataset.mapped_file)
+        path = clean.with_name(f"{clean.name.split('.')[0]}.poison-{self.digest()}.mapped.safetensors")
+        if rank_and_world()[0] == 0 and not path.exists():
+            with atomic_path(path) as tmp, MappedWriter(
+                    tmp, dataset.name, dataset.split, tuple(dataset.images.shape), dataset.labels,
+                    dataset.indices, dataset.class_names, source) as out:
+                for sl, block in self._poisoned_blocks(dataset):
+                    out.write(sl.start, block.numpy())
+                out.finish()
+        barrier()
+        return open_mapped(path, dataset.name, dataset.split)
+
+    def digest(self) -> str:
+        """16 hex digits of a sha256 over the poison's kind, budget, rows and values."""
+        h = hashlib.sha256(f"{self.kind}:{self.epsilon!r}".encode())
+        for t in (self.perturbation, self.sample_indices):
+            if t is not None:
+                flat = t.detach().cpu().contiguous().reshape(-1)
+                for start in range(0, flat.numel(), 1 << 24):
+                    h.update(flat[start:start + (1 << 24)].numpy().tobytes())
+        return h.hexdigest()[:16]
 
     # --- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path, **extra_meta) -> None:
