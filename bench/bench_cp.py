@@ -50,13 +50,12 @@ def run_case(case: str, width: int, batch: int, repeats: int, device: str, algor
     from clpoison.attacks.cp import poison_step
     from clpoison.config import load_config
     from clpoison.engine import (autocast, build_augment, build_method, build_optimizer,
-                                       contrastive_loss)
+                                 contrastive_loss, setup_runtime)
 
-    torch.manual_seed(0)
-    torch.set_flush_denormal(True)  # as setup_runtime does in every run (see clpoison/engine.py)
     cfg = load_config("mini", algorithm, {"model.width": width, "train.device": device,
                                           "train.amp": amp})
-    dev = torch.device(device)
+    dev = setup_runtime(cfg)        # as every run: denormals flushed; on CUDA cuDNN autotuning, TF32
+    torch.manual_seed(0)
     method = build_method(cfg).to(dev).to(memory_format=torch.channels_last)
     augment = build_augment(cfg, (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)).to(dev)
     if case == "model-kornia":

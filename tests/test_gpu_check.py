@@ -33,3 +33,23 @@ def test_quick_device_check(tmp_path):
     assert set(hours) == {"victim_simclr_1000_epochs", "cp-c", "cp-s"}
     assert all(h > 0 for h in hours.values())
     assert "| noise-s |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_device_check_falls_back_to_random_images(tmp_path, monkeypatch):
+    """Without CIFAR-10 (a GPU machine with no data) the check runs on random images of CIFAR's
+    shape; with the full-data option it refuses instead."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setenv("CLPOISON_DATA", str(tmp_path))
+    monkeypatch.setenv("CLPOISON_CACHE", str(tmp_path / "cache"))
+    train, test, data = gpu_check.datasets(64)
+    assert data == "random images"
+    assert train.images.shape == (64, 3, 32, 32) and train.images.dtype.is_floating_point is False
+    assert sorted(set(train.labels.tolist())) == list(range(10)) and len(test) == 500
+    with pytest.raises(Exception):
+        gpu_check.datasets(None)

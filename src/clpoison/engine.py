@@ -63,18 +63,18 @@ def setup_runtime(cfg: Config) -> torch.device:
         torch.backends.cudnn.benchmark = not cfg.train.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.train.deterministic:
-        deterministic_mode()
+    deterministic_mode(cfg.train.deterministic)
     return device
 
 
-def deterministic_mode() -> None:
+def deterministic_mode(on: bool) -> None:
     """``train.deterministic``: deterministic kernels where torch has them (cuDNN without
-    autotuning, cuBLAS with a fixed workspace); an op without one warns instead of failing. CPU
-    runs are deterministic without it."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    autotuning, cuBLAS with a fixed workspace); an op without one warns instead of failing. Set
+    both ways by every run (a process may run several). CPU runs are deterministic without it."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = on
+    torch.use_deterministic_algorithms(on, warn_only=True)
 
 
 def _native_cpu_bf16() -> bool:
@@ -205,8 +205,10 @@ class EpochSampler:
             return self._last[1]
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.n, generator=gen)
-        if self.device is not None:
+        if self.device is not None and torch.device(self.device).type != "cpu":
             order = order.to(self.device)
+        elif torch.cuda.is_available():
+            order = order.pin_memory()     # host rows (mapped data): asynchronous copies to a GPU
         out = [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
         self._last = (epoch, out)
         return out
@@ -295,7 +297,8 @@ def load_checkpoint(path: Path) -> dict:
 def resume_key(cfg: Config) -> str:
     """The settings that must not change across --resume (device, paths and evaluation may)."""
     d = json.loads(json.dumps(cfg.to_dict(), default=str))
-    for section, keys in (("train", ("device", "threads")), ("data", ("root", "cache_dir", "download"))):
+    for section, keys in (("train", ("device", "threads", "compile", "deterministic")),
+                          ("data", ("root", "cache_dir", "download", "memory_map"))):
         for k in keys:
             d[section].pop(k, None)
     d.pop("eval", None)

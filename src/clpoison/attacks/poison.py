@@ -138,7 +138,8 @@ class Poison:
         """A memory-mapped set poisoned into a memory-mapped file beside it (kept: a second victim
         of the same poison maps it again), written block by block; rank 0 writes under torchrun."""
         clean = Path(dataset.mapped_file)
-        path = clean.with_name(f"{clean.name.split('.')[0]}.poison-{self.digest()}.mapped.safetensors")
+        stem = clean.name.removesuffix(".mapped.safetensors")
+        path = clean.with_name(f"{stem}.poison-{self.digest()}.mapped.safetensors")
         if rank_and_world()[0] == 0 and not path.exists():
             with atomic_path(path) as tmp, MappedWriter(
                     tmp, dataset.name, dataset.split, tuple(dataset.images.shape), dataset.labels,

@@ -41,7 +41,7 @@ def evaluate_encoder(encoder: nn.Module, probe_set, test_set, config: EvalConfig
 
         crop_flip = ContrastiveAugment(AugmentConfig(size=probe_set.images.shape[-1], jitter_p=0.0,
                                                      gray_p=0.0), mean=(0.0, 0.0, 0.0),
-                                       std=(1.0, 1.0, 1.0))
+                                       std=(1.0, 1.0, 1.0)).to(device)
         probe = paper_linear_probe(encoder, probe_set.images, probe_set.labels, lambda: test_f,
                                    test_set.labels, n_cls, lambda x, g: crop_flip(x, generator=g),
                                    mean, std, config.probe_epochs, config.probe_lr,
