@@ -45,7 +45,7 @@ def test_gather_gradient_matches_one_process(tmp_path):
     z2 = torch.cat([p[1] for p in parts]).requires_grad_(True)
     ref = nt_xent_loss(F.normalize(z1, dim=1), F.normalize(z2, dim=1), 0.5)
     ref.backward()
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert abs(sum(g["loss"] for g in got) / WORLD - ref.detach()) < 1e-6
     g1 = torch.cat([g["g1"] for g in got]) / WORLD
     g2 = torch.cat([g["g2"] for g in got]) / WORLD
@@ -81,7 +81,7 @@ def test_sync_batchnorm_matches_batchnorm_of_the_global_batch(tmp_path):
     y = bn(x)
     w = torch.cat([torch.arange(y[:4].numel()).view_as(y[:4]).float().sin()] * 2)
     (y * w).sum().backward()
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert torch.allclose(torch.cat([g["y"] for g in got]), y, atol=1e-5)
     assert torch.allclose(torch.cat([g["gx"] for g in got]), x.grad, atol=1e-5)
     assert torch.allclose(sum(g["gw"] for g in got), bn.weight.grad, atol=1e-4)
@@ -287,9 +287,9 @@ def test_features_and_matrix_completion_are_sharded_to_the_one_process_result(vi
     images = victim_data[1].images                     # 20 test images
     run_ranks(_sharded_worker, WORLD, str(tmp_path), images)
     _sharded_worker(9, str(tmp_path), images)          # one process
-    ref = torch.load(tmp_path / "rank9.pt")
+    ref = torch.load(tmp_path / "rank9.pt", weights_only=True)
     for r in range(WORLD):
-        got = torch.load(tmp_path / f"rank{r}.pt")
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         assert got["feats"].shape == ref["feats"].shape == (20, 32)
         assert torch.allclose(got["feats"], ref["feats"], atol=1e-5)
         assert torch.equal(got["mc"], ref["mc"])

@@ -306,6 +306,15 @@ class _Permute(torch.autograd.Function):
         return grad.index_select(0, inv_perm), None, None
 
 
+def _colour_step_input_grad(g_pre, mats, con, wts):
+    """Gradient to x of ``pre = M @ x + con * (w . mean(x))`` given the gradient to ``pre``
+    (N, 3, L): the mean's share folded into one ``baddbmm`` (d offset / d x[n, c, l] =
+    con[n] * w[c] / L)."""
+    g_off = g_pre.sum(dim=(1, 2)).mul_(con).div_(g_pre.shape[2])              # (N,)
+    return torch.baddbmm(g_off.view(-1, 1, 1) * wts.view(1, 3, 1),
+                         mats.transpose(1, 2).contiguous(), g_pre)
+
+
 class _JitterStep(torch.autograd.Function):
     """One position of the per-sample ColorJitter order, on x (N, 3, L) in [0, 1]:
     ``y = clamp(M @ x + c (w . mean(x)), 0, 1)`` for all samples (M (N, 3, 3), c (N,); the offset
@@ -339,11 +348,7 @@ class _JitterStep(torch.autograd.Function):
         if ctx.has_hue:
             g_pre[lo:hi] = torch.ops.aten.hardtanh_backward(
                 _hue_backward(hue_saved, grad[lo:hi]), pre[lo:hi], clo, chi)
-        # d offset / d x[n, c, l] = con[n] * w[c] / L
-        g_off = g_pre.sum(dim=(1, 2)).mul_(con).div_(pre.shape[2])                # (N,)
-        gx = torch.baddbmm(g_off.view(-1, 1, 1) * wts.view(1, 3, 1),
-                           mats.transpose(1, 2).contiguous(), g_pre)
-        return gx, None, None, None, None, None, None
+        return _colour_step_input_grad(g_pre, mats, con, wts), None, None, None, None, None, None
 
 
 class _JitterStepMasked(torch.autograd.Function):
@@ -369,10 +374,7 @@ class _JitterStepMasked(torch.autograd.Function):
         grad = grad.contiguous()
         grad = torch.where(mask.view(-1, 1, 1), _hue_backward(hue_saved, grad), grad)
         g_pre = torch.ops.aten.hardtanh_backward(grad, pre, clo, chi)
-        g_off = g_pre.sum(dim=(1, 2)).mul_(con).div_(pre.shape[2])                # (N,)
-        gx = torch.baddbmm(g_off.view(-1, 1, 1) * wts.view(1, 3, 1),
-                           mats.transpose(1, 2).contiguous(), g_pre)
-        return gx, None, None, None, None, None
+        return _colour_step_input_grad(g_pre, mats, con, wts), None, None, None, None, None
 
 
 def _resample_matrix(start: torch.Tensor, length: torch.Tensor, flip: torch.Tensor | None,
