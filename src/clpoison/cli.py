@@ -168,6 +168,40 @@ def cmd_matrix(args) -> int:
     return 0
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ClpoisonError(f"{flag} takes comma-separated numbers, e.g. 4,8,16; got {text!r}") from None
+
+
+def cmd_sweep(args) -> int:
+    from clpoison.sweep import run_sweep
+
+    if args.algorithm is not None:
+        raise ClpoisonError("sweep takes --victims (and cp-s@ALGORITHM attacks), not --algorithm")
+    table = run_sweep(args.preset, args.out, attacks=args.attacks.split(","),
+                      victims=[v for v in args.victims.split(",") if v],
+                      epsilons=_floats(args.epsilons, "--epsilons"),
+                      lengths=_floats(args.lengths, "--lengths"), seeds=_seeds(args.seeds),
+                      controls=[c for c in args.controls.split(",") if c],
+                      overrides=_overrides(args),
+                      reuse=[Path(r) for r in args.reuse.split(",") if r] if args.reuse else (),
+                      table_only=args.table_only, progress=not args.quiet,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(table.read_text())
+    print(f"table: {table} (sweep.csv and the figures beside it)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from clpoison.report import write_report
+
+    page = write_report(args.runs, args.out, pictures=not args.no_pictures)
+    print(f"report: {page}")
+    return 0
+
+
 def _poisoned_data(args):
     """The poison of ``--poison`` and the clean data it was made for (from its recorded config,
     with the override flags): (poison, clean training set, clean test set)."""
@@ -285,6 +319,43 @@ def _add_matrix(sub) -> None:
     p.set_defaults(func=cmd_matrix)
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="response curves: attacks against victims over epsilon and "
+                       "generation length, with random controls, clean victims and the floor")
+    _common(p)
+    p.add_argument("--out", required=True, type=Path, help="folder for everything (rerun to resume)")
+    p.add_argument("--attacks", default="cp-c,cp-s",
+                   help="comma list of poisons to sweep: cp-c, cp-s, cp-s@mocov2, ue-s, ap, ...")
+    p.add_argument("--victims", default="simclr", help="comma list of supervised, simclr, mocov2, byol")
+    p.add_argument("--epsilons", default="4,8,16,32",
+                   help="budget axis, in /255 (at 1x generation length); empty for none")
+    p.add_argument("--lengths", default="0.5,1,2,4",
+                   help="compute axis: generation rounds as multiples of the preset's (at the "
+                        "preset's epsilon); empty for none")
+    p.add_argument("--controls", default="random",
+                   help="random-noise controls at each epsilon: random, random-c (comma list)")
+    p.add_argument("--seeds", default="0", help="victim seeds, comma-separated")
+    p.add_argument("--reuse", default=None,
+                   help="comma list of earlier story/matrix/sweep/train folders whose finished "
+                        "victims of the same images and settings are copied in")
+    p.add_argument("--table-only", action="store_true",
+                   help="train and generate nothing: tabulate and draw the cells finished so far")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="one Markdown page with figures from finished story, "
+                       "matrix and sweep folders, with the paper's numbers beside ours")
+    p.add_argument("runs", nargs="+", type=Path, help="story, matrix or sweep folders")
+    p.add_argument("--out", required=True, type=Path,
+                   help="folder for report.md and its PNG figures (new, or an earlier report's)")
+    p.add_argument("--no-pictures", action="store_true",
+                   help="skip the poison pictures (they need the clean data the poisons were "
+                        "made for)")
+    p.set_defaults(func=cmd_report)
+
+
 def _add_story(sub) -> None:
     p = sub.add_parser("story", help="the whole story: clean victim, CP poisons, poisoned victims, report")
     _common(p)
@@ -330,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``clpoison`` parser: one subcommand per ``cmd_*`` function above."""
     parser = argparse.ArgumentParser(prog="clpoison", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_attack, _add_matrix, _add_story, _add_poison_readers, _add_eval):
+    for add in (_add_train, _add_attack, _add_matrix, _add_sweep, _add_story, _add_report,
+                _add_poison_readers, _add_eval):
         add(sub)
     return parser
 
@@ -355,7 +427,7 @@ def _first_missing(path: Path) -> Path | None:
 
 # Commands whose work is shared by the processes of a torchrun launch; the others (export,
 # show, ...) run on rank 0 alone.
-COLLECTIVE = ("train", "attack", "eval", "matrix", "story")
+COLLECTIVE = ("train", "attack", "eval", "matrix", "sweep", "story")
 
 
 def _run(args) -> int:

@@ -310,6 +310,22 @@ def check_cell(run_dir: Path, cfg, digest: str | None, path: Path | None) -> dic
     return summary
 
 
+def finished_cells(folder: Path) -> dict[tuple[str, str], list[dict]]:
+    """The finished victims of the matrix (or story) folder ``folder``, read from their
+    summaries without checks: (row name, column name) -> summaries in seed order."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for f in sorted(Path(folder).glob("victims/*/*/seed*/summary.json")):
+        try:
+            summary = json.loads(f.read_text())
+            summary["final"], summary["config"]["train"]["seed"]
+        except (ValueError, KeyError, TypeError):
+            continue                                  # unfinished or not a victim's summary
+        cells.setdefault((f.parent.parent.parent.name, f.parent.parent.name), []).append(summary)
+    for summaries in cells.values():
+        summaries.sort(key=lambda s: s["config"]["train"]["seed"])
+    return cells
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -473,12 +489,12 @@ def _markdown(preset, rows, victims, seeds, cells, floors, n_train, n_test, seco
     if floors:
         lines.append("| random-init floor (supervised: chance) | "
                      + " | ".join(_fmt(floors.get(v, [])) for v in victims) + " | | |")
-    lines += _defense_tables(rows, victims, cells)
+    lines += defense_tables(rows, victims, cells)
     lines += ["", f"Wall time of this call: {seconds / 60:.1f} min (finished cells are reused)."]
     return "\n".join(lines) + "\n"
 
 
-def _defense_tables(rows, columns, cells) -> list[str]:
+def defense_tables(rows, columns, cells) -> list[str]:
     """Per victim with defense columns: each defense's accuracy and, in brackets, its change
     against the same training data without a defense (the clean row is what the defense costs on
     clean data; a poisoned row is what it wins back). Empty when the call has no defenses."""

@@ -97,6 +97,18 @@ def frozen_generator(net, bn_mode: str, memory_format=torch.channels_last, fold:
     return fuse_conv_bn(frozen.eval()).to(memory_format=memory_format)
 
 
+def generator_config(cfg: Config, a: CPConfig) -> Config:
+    """The generator's config: the victim's, with ``attack.loss_scale_by_temperature`` (when set)
+    in place of ``ssl.loss_scale_by_temperature``, so the loss scale can change for the
+    generator alone (the original code scaled the loss by T/0.07 everywhere)."""
+    scale = a.loss_scale_by_temperature
+    if scale is None or scale == cfg.ssl.loss_scale_by_temperature:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.ssl.loss_scale_by_temperature = bool(scale)
+    return cfg
+
+
 class CPGenerator:
     """One CP generation: the poison ``delta`` (K,C,H,W) on the device, the generator (an
     ordinary contrastive model) with its optimiser, and ``model_step``, the generator's step
@@ -104,7 +116,8 @@ class CPGenerator:
     :meth:`model_phase` and :meth:`noise_phase`; :meth:`loss_gap` is the diagnostic."""
 
     def __init__(self, cfg: Config, a: CPConfig, train_set, poison: Poison, device, seed: int):
-        self.cfg, self.a, self.device, self.seed = cfg, a, device, seed
+        self.cfg, self.a, self.device, self.seed = generator_config(cfg, a), a, device, seed
+        cfg = self.cfg
         self.images = resident_images(train_set, device)     # host when memory-mapped
         # a sample-wise poison stays beside the images (on the host for a memory-mapped set)
         self.delta = poison.perturbation.to(self.images.device if a.kind == "sample" else device)
@@ -220,7 +233,8 @@ class CPGenerator:
     @torch.no_grad()
     def loss_gap(self) -> dict:
         """Clean-minus-poisoned loss of the generator on a fixed batch with identical views: the
-        cheapest early sign of a working poison (a shortcut lowers the poisoned loss)."""
+        cheapest early sign of a working poison (a shortcut lowers the poisoned loss). Unscaled
+        (divided by any loss scale), so gaps compare across loss scales."""
         self.method.eval()
         broadcast_buffers(self.method)
         x, prow = self.batch(self.sampler.batches(PROBE_EPOCH)[0])
@@ -229,7 +243,7 @@ class CPGenerator:
             gen = epoch_generator(self.device, self.seed, 0, stream=3)   # replayed: identical views
             loss = contrastive_loss(self.method, self.augment, xin, gen, self.fmt, self.amp())
             losses.append(all_reduce_(loss.detach().float(), mean=True).item())
-        clean, poisoned = losses
+        clean, poisoned = (v / getattr(self.method, "loss_scale", 1.0) for v in losses)
         return {"clean_loss": round(clean, 5), "poisoned_loss": round(poisoned, 5),
                 "gap": round(clean - poisoned, 5)}
 

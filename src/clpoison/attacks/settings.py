@@ -39,6 +39,8 @@ class CPConfig:
     restart_every: int = 0              # rounds per episode: the generator restarts from a fresh
                                         # random init (a simulated victim); 0 = never
     model_lr: float | None = None       # generator encoder lr; None: train.lr (the victim's)
+    loss_scale_by_temperature: bool | None = None  # the generator's loss x T/0.07 (the original
+                                        # code's); None: as ssl.loss_scale_by_temperature
     min_lr_ratio: float | None = None   # generator cosine ends at lr * this; None: train.min_lr_ratio
     warm_start_epochs: float = 0.0      # clean contrastive epochs before the first round
     init: str = "uniform"               # uniform | zeros (ignored with an init poison file)
