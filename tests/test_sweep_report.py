@@ -47,10 +47,12 @@ def test_sweep_points_and_generation_lengths():
     points = sweep.sweep_points([4, 8, 16], [0.5, 1, 2], 8.0)
     assert [p.name for p in points] == ["eps4-x1", "eps8-x1", "eps16-x1", "eps8-x0.5", "eps8-x2"]
     rows = [sweep.parse_row(r) for r in ("cp-c", "cp-s", "random")]
-    assert sweep.length_overrides("cpu", rows, [], 2) == ["attack.cp-c.rounds=80",
-                                                          "attack.cp-s.rounds=64"]
-    assert sweep.length_overrides("cpu", rows, [], 0.5) == ["attack.cp-c.rounds=20",
-                                                            "attack.cp-s.rounds=16"]
+    assert sweep.length_overrides("cpu", rows, [], 2) == [
+        "attack.cp-c.rounds=80", "attack.cp-s.rounds=64", "attack.ue-c.max_rounds=80",
+        "attack.ue-s.max_rounds=20"]
+    # the same overrides whichever attacks a call sweeps: calls share the point's folder
+    assert sweep.length_overrides("cpu", rows[1:2], [], 0.5)[:2] == ["attack.cp-c.rounds=20",
+                                                                   "attack.cp-s.rounds=16"]
     assert sweep.length_overrides("cpu", rows, [], 1) == []
     with pytest.raises(ClpoisonError, match="in /255"):
         sweep.sweep_points([0], [1], 8.0)

@@ -32,7 +32,7 @@ from clpoison.engine import load_data
 from clpoison.errors import ClpoisonError
 from clpoison.figures import Panel, grouped_bars, line_panels, save_figure
 from clpoison.matrix import defense_tables, finished_cells
-from clpoison.sweep import (budget_figure, compute_figure, summarise, sweep_body, sweep_points,
+from clpoison.sweep import (budget_figure, compute_figure, folder_points, summarise, sweep_body,
                             sweep_records)
 from clpoison.train import victim_accuracy
 from clpoison.utils import LOCK_NAME
@@ -244,9 +244,7 @@ def poison_pictures(folder: Path, label: str, out: Path) -> list[str]:
 def sweep_section(folder: Path, kind: str, label: str, out: Path, pictures: bool) -> list[str]:
     """A sweep's table, its budget and compute curves and, per budget, the poisons' pictures."""
     record = _record(folder, kind)
-    points = sweep_points(record.get("epsilons", []), record.get("lengths", []),
-                          record.get("preset_epsilon", 8.0))
-    records = sweep_records(folder, points)
+    records = sweep_records(folder)
     if not records:
         raise ClpoisonError(f"{folder} holds no finished victim yet; nothing to report")
     figures = []
@@ -263,7 +261,7 @@ def sweep_section(folder: Path, kind: str, label: str, out: Path, pictures: bool
         lines += ["", "The paper at 8/255 (full CIFAR-10, ResNet-18, 1000-epoch victims): "
                   + "; ".join(paper) + "."]
     if pictures:
-        for point in points:
+        for point in folder_points(folder):
             if point.length == 1:
                 lines += poison_pictures(folder / point.name, f"{label}-{point.name}", out)
     return lines

@@ -81,22 +81,35 @@ def sweep_points(epsilons, lengths, preset_epsilon: float) -> list[Point]:
 
 def length_overrides(preset: str, rows: list[Row], overrides: list[str], factor: float) -> list[str]:
     """``attack.<attack>.rounds`` (UE: ``max_rounds``) at ``factor`` x the preset's, for every
-    generated row whose length can be scaled; none at 1x."""
+    attack whose length can be scaled (not only the swept ones, so that calls sweeping other
+    attacks share the point's folder); none at 1x. An attack's base comes from its attacker
+    algorithm in ``rows`` (else its default attacker)."""
     if factor == 1:
         return []
     out: dict[str, int] = {}
-    for row in rows:
-        key = LENGTH_KEYS.get(row.attack or "")
-        if key is None:
-            continue
-        cfg = load_config(preset, attacker_algorithm(row.attack, row.algorithm), overrides)
-        base = getattr(attack_settings(cfg, row.attack).resolved(), key)
-        scaled = max(1, round(base * factor))
-        name = f"attack.{row.attack}.{key}"
-        if out.setdefault(name, scaled) != scaled:
-            raise ClpoisonError(f"{row.attack} has other {key} for other attacker algorithms; "
-                                f"sweep one attacker algorithm per call")
+    algorithms = {a: {r.algorithm for r in rows if r.attack == a} or {None} for a in LENGTH_KEYS}
+    for attack, key in LENGTH_KEYS.items():
+        for algorithm in algorithms[attack]:
+            cfg = load_config(preset, attacker_algorithm(attack, algorithm), overrides)
+            base = getattr(attack_settings(cfg, attack).resolved(), key)
+            scaled = max(1, round(base * factor))
+            name = f"attack.{attack}.{key}"
+            if out.setdefault(name, scaled) != scaled:
+                raise ClpoisonError(f"{attack} has other {key} for other attacker algorithms; "
+                                    f"sweep one attacker algorithm per call")
     return [f"{k}={v}" for k, v in out.items()]
+
+
+def folder_points(out: Path) -> list[Point]:
+    """The points whose matrix folders exist under ``out`` (any call's), budget axis first."""
+    points = []
+    for f in out.glob("eps*-x*/matrix.json"):
+        eps, _, length = f.parent.name[3:].partition("-x")
+        try:
+            points.append(Point(float(eps), float(length)))
+        except ValueError:
+            continue
+    return sorted(points, key=lambda p: (p.length != 1, p.epsilon, p.length))
 
 
 def run_sweep(preset: str, out: str | Path, *, attacks, victims, epsilons=EPSILONS,
@@ -146,16 +159,16 @@ def run_sweep(preset: str, out: str | Path, *, attacks, victims, epsilons=EPSILO
                          defenses=["none"], seeds=list(seeds))
             log(f"== sweep point {name}")
         MatrixRun(m, reuse=reuse, table_only=table_only, progress=progress, log=log).fill()
-    records = sweep_records(out, points)
-    return write_sweep(out, preset, records, points, time.time() - t0)
+    return write_sweep(out, preset, sweep_records(out), time.time() - t0)
 
 
-def sweep_records(out: Path, points: list[Point]) -> list[dict]:
-    """One record per finished victim of the sweep: row, victim, epsilon, length, seed,
+def sweep_records(out: Path) -> list[dict]:
+    """One record per finished victim in the sweep folder ``out`` (every point there, made by
+    this call or another): row, victim, epsilon, length, seed,
     accuracy (supervised: test accuracy; contrastive: linear probe), kNN, the generation's wall
     time; clean victims have epsilon and length None and carry the floor."""
     records = []
-    for name, point in [("clean", None)] + [(p.name, p) for p in points]:
+    for name, point in [("clean", None)] + [(p.name, p) for p in folder_points(out)]:
         for (row, column), summaries in finished_cells(out / name).items():
             if point is None and row != "clean":
                 continue
@@ -228,8 +241,7 @@ def smallest_epsilon(lines: list[dict], row: str, victim: str, margin: float = M
     return min(hits) if hits else None
 
 
-def write_sweep(out: Path, preset: str, records: list[dict], points: list[Point],
-                seconds: float) -> Path:
+def write_sweep(out: Path, preset: str, records: list[dict], seconds: float) -> Path:
     """``sweep.md``, ``sweep.csv`` and the two figures (a figure only when its axis has two or
     more finished points)."""
     lines = summarise(records)
