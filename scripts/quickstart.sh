@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up, then run the main job: the whole Contrastive Poisoning story on this machine's CPU
 # (clean SimCLR victims, CP-C and CP-S poisons, victims on the poisoned data, random-noise
-# control, random-init floor, report).
+# control, random-init floor, report; then `clpoison report` draws it in $OUT-report/).
 #   scripts/quickstart.sh                  # preset `cpu`: 2 seeds, CP-C and CP-S (50-75 min on 2
 #                                          # cores with native bf16; see docs/results.md)
 #   PRESET=mini scripts/quickstart.sh      # a smoke run of the pipeline (CP-C and CP-S, 1 seed,
@@ -23,4 +23,7 @@ if [ $# -eq 0 ]; then
     mini) args=(--seeds 0 --attacks cp-c,cp-s) ;;
   esac
 fi
-exec clpoison story --preset "$PRESET" --out "$OUT" "${download[@]}" "${args[@]}"
+clpoison story --preset "$PRESET" --out "$OUT" "${download[@]}" "${args[@]}"
+# the same results as one page of tables and figures (bar chart, loss curves, poison pictures,
+# the paper's numbers beside ours)
+clpoison report "$OUT" --out "$OUT-report"

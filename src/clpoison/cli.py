@@ -197,7 +197,8 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from clpoison.report import write_report
 
-    page = write_report(args.runs, args.out, pictures=not args.no_pictures)
+    page = write_report(args.runs, args.out, pictures=not args.no_pictures,
+                        data_overrides=[f"data.root={args.data_root}"] if args.data_root else [])
     print(f"report: {page}")
     return 0
 
@@ -350,6 +351,9 @@ def _add_report(sub) -> None:
     p.add_argument("runs", nargs="+", type=Path, help="story, matrix or sweep folders")
     p.add_argument("--out", required=True, type=Path,
                    help="folder for report.md and its PNG figures (new, or an earlier report's)")
+    p.add_argument("--data-root", default=None,
+                   help="where the clean data of the poison pictures is, when not where the "
+                        "poisons were made (default: their recorded data settings)")
     p.add_argument("--no-pictures", action="store_true",
                    help="skip the poison pictures (they need the clean data the poisons were "
                         "made for)")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from clpoison.attacks import POISON_FILE, load_poison
 from clpoison.attacks.poison import check_dataset, recorded_config
+from clpoison.config import apply_overrides
 from clpoison.engine import load_data
 from clpoison.errors import ClpoisonError
 from clpoison.figures import Panel, grouped_bars, line_panels, save_figure
@@ -68,9 +69,11 @@ def folder_kind(folder: Path) -> str:
                         f"story, matrix or sweep folder")
 
 
-def write_report(folders, out: str | Path, *, pictures: bool = True) -> Path:
+def write_report(folders, out: str | Path, *, pictures: bool = True,
+                 data_overrides=()) -> Path:
     """Write ``out/report.md`` and its figures for ``folders``; returns the page's path.
-    ``pictures``: render each poison (needs the clean data the poison was made for)."""
+    ``pictures``: render each poison on the clean data it was made for (its recorded data
+    settings, with ``data_overrides`` such as ``data.root=...`` applied)."""
     folders = [Path(f) for f in folders]
     if not folders:
         raise ClpoisonError("report needs at least one story, matrix or sweep folder")
@@ -92,7 +95,8 @@ def write_report(folders, out: str | Path, *, pictures: bool = True) -> Path:
         for folder, kind in zip(folders, kinds):
             label = _label(folder, labels)
             section = (sweep_section if kind == "sweep" else matrix_section)
-            lines += ["", *section(folder, kind, label, scratch, pictures)]
+            lines += ["", *section(folder, kind, label, scratch,
+                                   list(data_overrides) if pictures else None)]
         (scratch / "report.md").write_text("\n".join(lines) + "\n")
         _replace(scratch, out)
     finally:
@@ -133,9 +137,11 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def matrix_section(folder: Path, kind: str, label: str, out: Path, pictures: bool) -> list[str]:
+def matrix_section(folder: Path, kind: str, label: str, out: Path,
+                   pictures: list[str] | None) -> list[str]:
     """A story's or matrix's table (with the paper's numbers), bars, loss curves, defense
-    tables and poison pictures."""
+    tables and poison pictures (``pictures``: the data overrides to load their clean data
+    with; None: no pictures)."""
     record = _record(folder, kind)
     cells = finished_cells(folder)
     if not cells:
@@ -167,8 +173,8 @@ def matrix_section(folder: Path, kind: str, label: str, out: Path, pictures: boo
         save_figure(losses, out / f"{label}-loss.png")
         lines += ["", "Victims' training loss per epoch (mean over seeds): a poison the victim "
                   "exploits drives it down.", "", f"![{label} loss]({label}-loss.png)"]
-    if pictures:
-        lines += poison_pictures(folder, label, out)
+    if pictures is not None:
+        lines += poison_pictures(folder, label, out, pictures)
     return lines
 
 
@@ -219,14 +225,14 @@ def loss_figure(folder: Path, rows, columns):
     return line_panels(panels, "victims' training loss") if panels else None
 
 
-def poison_pictures(folder: Path, label: str, out: Path) -> list[str]:
+def poison_pictures(folder: Path, label: str, out: Path, data_overrides=()) -> list[str]:
     """A picture of every poison generated in ``folder`` (rendered on the clean data it was
-    made for)."""
+    made for: its recorded data settings with ``data_overrides``)."""
     lines = []
     data_cache: dict[str, object] = {}
     for path in sorted(folder.glob(f"poisons/*/{POISON_FILE}")):
         poison = load_poison(path)
-        cfg = recorded_config(poison, path)
+        cfg = apply_overrides(recorded_config(poison, path), list(data_overrides))
         key = json.dumps(cfg.to_dict()["data"], sort_keys=True, default=str)
         if key not in data_cache:
             data_cache[key] = load_data(cfg)[0]
@@ -241,7 +247,8 @@ def poison_pictures(folder: Path, label: str, out: Path) -> list[str]:
     return lines
 
 
-def sweep_section(folder: Path, kind: str, label: str, out: Path, pictures: bool) -> list[str]:
+def sweep_section(folder: Path, kind: str, label: str, out: Path,
+                  pictures: list[str] | None) -> list[str]:
     """A sweep's table, its budget and compute curves and, per budget, the poisons' pictures."""
     record = _record(folder, kind)
     records = sweep_records(folder)
@@ -260,8 +267,9 @@ def sweep_section(folder: Path, kind: str, label: str, out: Path, pictures: bool
     if paper:
         lines += ["", "The paper at 8/255 (full CIFAR-10, ResNet-18, 1000-epoch victims): "
                   + "; ".join(paper) + "."]
-    if pictures:
+    if pictures is not None:
         for point in folder_points(folder):
             if point.length == 1:
-                lines += poison_pictures(folder / point.name, f"{label}-{point.name}", out)
+                lines += poison_pictures(folder / point.name, f"{label}-{point.name}", out,
+                                         pictures)
     return lines
