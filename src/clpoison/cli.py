@@ -160,12 +160,20 @@ def cmd_matrix(args) -> int:
                        victims=[v for v in args.victims.split(",") if v], seeds=seeds,
                        defenses=args.defenses.split(","),
                        overrides=_overrides(args),
-                       reuse=[Path(r) for r in args.reuse.split(",") if r] if args.reuse else (),
-                       table_only=args.table_only, progress=not args.quiet,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
+                       reuse=_folders(args.reuse), table_only=args.table_only,
+                       progress=not args.quiet, log=_log)
     print(table.read_text())
     print(f"table: {table} (and matrix.csv beside it)")
     return 0
+
+
+def _folders(text: str | None) -> list[Path]:
+    """``--reuse A,B`` -> [Path(A), Path(B)] (none when not given)."""
+    return [Path(r) for r in text.split(",") if r] if text else []
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -186,9 +194,8 @@ def cmd_sweep(args) -> int:
                       lengths=_floats(args.lengths, "--lengths"), seeds=_seeds(args.seeds),
                       controls=[c for c in args.controls.split(",") if c],
                       overrides=_overrides(args),
-                      reuse=[Path(r) for r in args.reuse.split(",") if r] if args.reuse else (),
-                      table_only=args.table_only, progress=not args.quiet,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
+                      reuse=_folders(args.reuse), table_only=args.table_only,
+                      progress=not args.quiet, log=_log)
     print(table.read_text())
     print(f"table: {table} (sweep.csv and the figures beside it)")
     return 0
@@ -252,7 +259,7 @@ def cmd_story(args) -> int:
     attacks = [a for a in args.attacks.split(",") if a]
     report = run_story(args.preset, args.out, algorithm=args.algorithm or "simclr", seeds=seeds,
                        attacks=attacks, overrides=_overrides(args), progress=not args.quiet,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
+                       log=_log)
     print(report.read_text())
     print(f"report: {report}")
     return 0

@@ -460,7 +460,8 @@ def write_tables(m: Matrix, cells, seconds: float) -> Path:
     return md
 
 
-def _fmt(values: list[float]) -> str:
+def fmt_mean(values: list[float]) -> str:
+    """``—``, one value, or mean ± std over seeds, to one decimal."""
     if not values:
         return "—"
     if len(values) == 1:
@@ -480,7 +481,7 @@ def _markdown(preset, rows, victims, seeds, cells, floors, n_train, n_test, seco
         means, cols = [], []
         for v in victims:
             acc = [victim_accuracy(s) for s in cells.get((row, v), [])]
-            cols.append(_fmt(acc))
+            cols.append(fmt_mean(acc))
             if acc:
                 means.append(statistics.mean(acc))
         worst = f"{min(means):.1f}" if means else "—"
@@ -488,7 +489,7 @@ def _markdown(preset, rows, victims, seeds, cells, floors, n_train, n_test, seco
         lines.append("| " + " | ".join([row] + cols + [worst, mean]) + " |")
     if floors:
         lines.append("| random-init floor (supervised: chance) | "
-                     + " | ".join(_fmt(floors.get(v, [])) for v in victims) + " | | |")
+                     + " | ".join(fmt_mean(floors.get(v, [])) for v in victims) + " | | |")
     lines += defense_tables(rows, victims, cells)
     lines += ["", f"Wall time of this call: {seconds / 60:.1f} min (finished cells are reused)."]
     return "\n".join(lines) + "\n"
@@ -511,10 +512,10 @@ def defense_tables(rows, columns, cells) -> list[str]:
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in rows:
             base = [victim_accuracy(s) for s in cells.get((row, victim), [])]
-            out = [row, _fmt(base)]
+            out = [row, fmt_mean(base)]
             for c in defended:
                 acc = [victim_accuracy(s) for s in cells.get((row, c), [])]
-                cell = _fmt(acc)
+                cell = fmt_mean(acc)
                 if acc and base:
                     cell += f" ({statistics.mean(acc) - statistics.mean(base):+.1f})"
                 out.append(cell)

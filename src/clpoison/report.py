@@ -32,7 +32,7 @@ from clpoison.config import apply_overrides
 from clpoison.engine import load_data
 from clpoison.errors import ClpoisonError
 from clpoison.figures import Panel, grouped_bars, line_panels, save_figure
-from clpoison.matrix import defense_tables, finished_cells
+from clpoison.matrix import defense_tables, finished_cells, fmt_mean
 from clpoison.sweep import (budget_figure, compute_figure, folder_points, summarise, sweep_body,
                             sweep_records)
 from clpoison.train import victim_accuracy
@@ -129,14 +129,6 @@ def _record(folder: Path, kind: str) -> dict:
     return json.loads((folder / f"{kind}.json").read_text())
 
 
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
 def matrix_section(folder: Path, kind: str, label: str, out: Path,
                    pictures: list[str] | None) -> list[str]:
     """A story's or matrix's table (with the paper's numbers), bars, loss curves, defense
@@ -155,14 +147,14 @@ def matrix_section(folder: Path, kind: str, label: str, out: Path,
     for row in rows:
         out_cells = []
         for c in plain:
-            text = _fmt([victim_accuracy(s) for s in cells.get((row, c), [])])
+            text = fmt_mean([victim_accuracy(s) for s in cells.get((row, c), [])])
             paper = paper_number(row, c)
             out_cells.append(text + (f" (paper {paper:g})" if paper is not None else ""))
         lines.append(f"| {row} | " + " | ".join(out_cells) + " |")
     floors = {c: [victim_accuracy({"final": s["random_init"]})
                   for s in cells.get(("clean", c), []) if s.get("random_init")] for c in plain}
     if any(floors.values()):
-        lines.append("| random-init floor | " + " | ".join(_fmt(floors[c]) for c in plain) + " |")
+        lines.append("| random-init floor | " + " | ".join(fmt_mean(floors[c]) for c in plain) + " |")
     lines += defense_tables(rows, columns, cells)
     bars = bar_figure(rows, plain, cells, floors)
     if bars is not None:
