@@ -168,3 +168,19 @@ def test_generator_loss_scale_leaves_the_victims_alone():
     assert build_method(cfg).loss_scale == 1.0 and not cfg.ssl.loss_scale_by_temperature
     plain = load_config("cpu", "simclr")
     assert generator_config(plain, cp_config(plain, "cp-s").resolved()) is plain
+
+
+def test_curves_never_take_a_reference_colour():
+    """A poison's curve must not be drawn in the clean line's green (the third default colour):
+    only a random-noise series shares the random reference's grey."""
+    from matplotlib.colors import to_hex
+
+    from clpoison.figures import REFERENCE_STYLES, Panel, line_panels
+    series = {name: ([8, 16], [40.0, 39.0]) for name in
+              ("cp-c", "cp-s", "random", "ue-s", "ap", "a", "b", "c", "d", "e")}
+    fig = line_panels([Panel("p", "x", "y", series, {"clean": 45.0, "floor": 29.0})])
+    colors = {ln.get_label(): to_hex(ln.get_color()) for ln in fig.axes[0].get_lines()}
+    references = {to_hex(c) for c, _ in REFERENCE_STYLES.values()}
+    assert colors["random"] == to_hex(REFERENCE_STYLES["random"][0])
+    assert not references & {c for k, c in colors.items()
+                             if k not in ("random", "clean", "floor")}

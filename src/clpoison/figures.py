@@ -34,6 +34,17 @@ from clpoison.utils import atomic_path  # noqa: E402
 SERIES_KEY = "clpoison-series"
 REFERENCE_STYLES = {"clean": ("tab:green", "--"), "random": ("tab:gray", ":"),
                     "floor": ("black", "-.")}
+# series colours: none of the references' (clean green, random grey), so a poison's curve is
+# never read as a reference line; a random-noise series takes the random reference's grey
+SERIES_COLORS = ("tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+                 "tab:olive", "tab:cyan")
+
+
+def series_color(label: str, i: int) -> str:
+    """The colour of the ``i``-th plotted series called ``label``."""
+    if label.split(" ")[0] in REFERENCE_STYLES:
+        return REFERENCE_STYLES[label.split(" ")[0]][0]
+    return SERIES_COLORS[i % len(SERIES_COLORS)]
 
 
 @dataclass
@@ -55,13 +66,14 @@ def line_panels(panels: list[Panel], suptitle: str | None = None):
         raise ClpoisonError("a figure needs at least one panel")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, p in zip(axes[0], panels):
-        for label, values in p.series.items():
+        for i, (label, values) in enumerate(p.series.items()):
             x, y = values[0], values[1]
             yerr = values[2] if len(values) > 2 else None
+            color = series_color(label, i)
             if yerr is not None and any(e > 0 for e in yerr):
-                ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=label)
+                ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=label, color=color)
             else:
-                ax.plot(x, y, marker="o", label=label)
+                ax.plot(x, y, marker="o", label=label, color=color)
         for label, y in p.lines.items():
             color, style = REFERENCE_STYLES.get(label.split(" ")[0], ("tab:purple", "--"))
             ax.axhline(y, color=color, linestyle=style, linewidth=1, label=label)
@@ -93,7 +105,7 @@ def grouped_bars(title: str, groups: list[str], bars: dict[str, list[float | Non
                 for j, (x, h) in enumerate(zip(xs, heights)) if h is not None]
         if keep:
             ax.bar([k[0] for k in keep], [k[1] for k in keep], width, label=label,
-                   yerr=[k[2] for k in keep], capsize=2)
+                   yerr=[k[2] for k in keep], capsize=2, color=series_color(label, i))
     for label, values in (lines or {}).items():
         color, style = REFERENCE_STYLES.get(label.split(" ")[0], ("tab:purple", "--"))
         at = [(g, y) for g, y in enumerate(values) if y is not None]
