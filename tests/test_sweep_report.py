@@ -86,6 +86,9 @@ def test_sweep_fills_every_point_and_draws_its_curves(tiny_sweep):
     assert f"{cpc['eps8-x2'] - rand8:+.1f}" in text and "cp-c@simclr on simclr:" in text
     rows = (out / "sweep.csv").read_text().splitlines()
     assert len(rows) == 1 + 6 and rows[0].startswith("row,victim,epsilon,length,seed,accuracy")
+    gaps = {(r["row"], r["epsilon"], r["length"]): r["gap"] for r in sweep.sweep_records(out)}
+    assert gaps[("cp-c@simclr", 8.0, 2.0)] == made["eps8-x2"]["final_gap"]["gap"]
+    assert gaps[("random", 8.0, 1.0)] is None and f"{made['eps4-x1']['final_gap']['gap']:.3f}" in text
 
 
 def test_sweep_reuses_finished_cells_and_refuses_mismatched_ones(tiny_sweep, small_cifar,

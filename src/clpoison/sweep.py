@@ -166,13 +166,14 @@ def sweep_records(out: Path) -> list[dict]:
     """One record per finished victim in the sweep folder ``out`` (every point there, made by
     this call or another): row, victim, epsilon, length, seed,
     accuracy (supervised: test accuracy; contrastive: linear probe), kNN, the generation's wall
-    time; clean victims have epsilon and length None and carry the floor."""
+    time and final loss gap (clean minus poisoned generator loss; CP only); clean victims have
+    epsilon and length None and carry the floor."""
     records = []
     for name, point in [("clean", None)] + [(p.name, p) for p in folder_points(out)]:
         for (row, column), summaries in finished_cells(out / name).items():
             if point is None and row != "clean":
                 continue
-            minutes = _generation_minutes(out / name / "poisons" / row)
+            minutes, gap = _generation(out / name / "poisons" / row)
             for s in summaries:
                 floor = s.get("random_init")
                 records.append({
@@ -181,16 +182,18 @@ def sweep_records(out: Path) -> list[dict]:
                     "length": point.length if point else None,
                     "accuracy": victim_accuracy(s), "knn": s["final"].get("knn"),
                     "floor": victim_accuracy({"final": floor}) if floor else None,
-                    "generation_minutes": minutes})
+                    "generation_minutes": minutes, "gap": gap})
     return records
 
 
-def _generation_minutes(folder: Path) -> float | None:
+def _generation(folder: Path) -> tuple[float | None, float | None]:
+    """A poison's generation wall time (min) and final loss gap, from its summary.json."""
     f = folder / "summary.json"
     if not f.exists():
-        return None
-    seconds = json.loads(f.read_text()).get("wall_seconds")
-    return round(seconds / 60, 2) if seconds is not None else None
+        return None, None
+    summary = json.loads(f.read_text())
+    seconds, gap = summary.get("wall_seconds"), (summary.get("final_gap") or {}).get("gap")
+    return (round(seconds / 60, 2) if seconds is not None else None), gap
 
 
 def _mean(values):
@@ -229,7 +232,7 @@ def summarise(records: list[dict]) -> list[dict]:
                       "length": r["length"], "seeds": len(accs), "accuracy": _mean(accs),
                       "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                       "vs_clean": _mean(d_clean), "vs_random": _mean(d_rand),
-                      "generation_minutes": r["generation_minutes"]})
+                      "generation_minutes": r["generation_minutes"], "gap": r["gap"]})
     return lines
 
 
@@ -267,9 +270,10 @@ def sweep_body(lines: list[dict], figures: list[str]) -> list[str]:
     text = ["Clean-test accuracy (%) of victims trained on poisoned data (supervised: test "
             "accuracy; contrastive: linear probe), mean over seeds. Δ clean / Δ random: minus "
             "the clean victim / the random-noise control of the same epsilon, paired by seed. "
-            "Length: generation rounds as a multiple of the preset's.", "",
+            "Length: generation rounds as a multiple of the preset's. Gap: the generator's "
+            "final clean-minus-poisoned loss on a fixed batch.", "",
             "| data | victim | epsilon (/255) | length | seeds | accuracy | Δ clean | Δ random | "
-            "generation (min) |", "|---|---|---|---|---|---|---|---|---|"]
+            "generation (min) | gap |", "|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(lines, key=lambda ln: (ln["victim"], ln["row"] != "clean", ln["row"],
                                           ln["epsilon"] or 0, ln["length"] or 0))
     for ln in order:
@@ -277,7 +281,8 @@ def sweep_body(lines: list[dict], figures: list[str]) -> list[str]:
             ln["row"], ln["victim"], _g(ln["epsilon"]), _g(ln["length"], "x"), str(ln["seeds"]),
             f"{ln['accuracy']:.1f}" + (f" ± {ln['std']:.1f}" if ln["seeds"] > 1 else ""),
             _d(ln["vs_clean"]), _d(ln["vs_random"]),
-            "—" if ln["generation_minutes"] is None else f"{ln['generation_minutes']:.1f}"]) + " |")
+            "—" if ln["generation_minutes"] is None else f"{ln['generation_minutes']:.1f}",
+            "—" if ln["gap"] is None else f"{ln['gap']:.3f}"]) + " |")
     pairs = sorted({(ln["row"], ln["victim"]) for ln in lines
                     if ln["row"] not in ("clean",) + CONTROLS + ("random-c",)})
     if pairs:
@@ -356,7 +361,7 @@ def compute_figure(records):
 def _csv(records: list[dict]) -> str:
     buf = io.StringIO()
     keys = ["row", "victim", "epsilon", "length", "seed", "accuracy", "knn", "floor",
-            "generation_minutes"]
+            "generation_minutes", "gap"]
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
     for r in records:
